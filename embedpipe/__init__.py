@@ -1,0 +1,41 @@
+"""embedpipe: transfer learning on images with cached embeddings.
+
+The public API; the ``embedpipe`` command is a thin shell over it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    BackboneError,
+    CacheError,
+    DataError,
+    EmbedpipeError,
+    ImageDecodeError,
+    WeightsError,
+)
+from .pipeline import ExtractResult, cache_info, cache_list, cache_remove, cache_verify, extract, load  # noqa: E402
+
+__all__ = [
+    "BackboneError",
+    "BackboneSpec",
+    "CacheError",
+    "DataError",
+    "EmbeddingConfig",
+    "EmbedpipeError",
+    "ExtractResult",
+    "ImageDecodeError",
+    "PreprocessConfig",
+    "RunConfig",
+    "SplitConfig",
+    "WeightsError",
+    "__version__",
+    "cache_info",
+    "cache_list",
+    "cache_remove",
+    "cache_verify",
+    "extract",
+    "load",
+]

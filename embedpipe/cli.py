@@ -1,0 +1,322 @@
+"""The ``embedpipe`` command: parses options, calls :mod:`embedpipe.pipeline`, prints.
+
+Heavy imports (torch, timm) happen inside the library calls, so ``--help``
+answers at once. Library errors become a one-line message and a non-zero
+exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import DEFAULT_BACKBONE
+from .errors import EmbedpipeError
+
+logger = logging.getLogger("embedpipe")
+
+
+def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into ``error: <message>`` and the error's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EmbedpipeError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished batches are kept in the cache; rerun to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _progress_factory(quiet: bool) -> Callable[[str, int], Any]:
+    @contextlib.contextmanager
+    def factory(stage: str, total: int) -> Iterator[Callable[[int], None]]:
+        if quiet or total == 0:
+            yield lambda n: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr, leave=False) as bar:
+            yield bar.update
+
+    return factory
+
+
+def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that runs a backbone (extract, predict, fine-tune, bench)."""
+    options = [
+        click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
+                     help="timm model name, optionally with a pretrained tag (resnet50.a1_in1k)."),
+        click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local .safetensors or .pth weights for the backbone (loaded without running pickled code)."),
+        click.option("--no-pretrained", is_flag=True, help="Random (seeded) weights, for tests."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
+                     help="Cache folder for embeddings."),
+        click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+                     help="Compute precision: auto is bf16 on CUDA, fp32 on CPU."),
+        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+                     help="Storage dtype of the embeddings."),
+        click.option("--output", "outputs", multiple=True, default=("embedding",), show_default=True,
+                     help="What to store: embedding (pooled pre-logits), logits, stageN; repeatable."),
+        click.option("--img-size", type=int, default=None, help="Override the input size (square)."),
+        click.option("--crop-pct", type=float, default=None, help="Override the centre-crop fraction."),
+        click.option("--interpolation", default=None, help="Override the resize interpolation (bicubic, bilinear...)."),
+        click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
+        click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
+        click.option("--no-jpeg-draft", is_flag=True, help="Decode JPEGs at full size even when much larger than needed."),
+        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: by device]."),
+        click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone."),
+        click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def backbone_spec(kw: dict[str, Any]) -> Any:
+    """Build a BackboneSpec from the shared options (popping them from ``kw``)."""
+    from .config import BackboneSpec
+
+    preprocess = {
+        "input_size": kw.pop("img_size"),
+        "crop_pct": kw.pop("crop_pct"),
+        "interpolation": kw.pop("interpolation"),
+        "mean": _floats(kw.pop("mean")),
+        "std": _floats(kw.pop("std")),
+    }
+    if kw.pop("no_jpeg_draft"):
+        preprocess["jpeg_draft"] = False
+    outputs = tuple(o for value in kw.pop("outputs") for o in value.split(",") if o)
+    return BackboneSpec(
+        name=kw.pop("backbone"),
+        weights=kw.pop("weights"),
+        pretrained=not kw.pop("no_pretrained"),
+        outputs=outputs,
+        precision=kw.pop("precision"),
+        dtype=kw.pop("dtype"),
+        preprocess={k: v for k, v in preprocess.items() if v is not None},
+    )
+
+
+def run_config(kw: dict[str, Any], *, on_error: str = "skip") -> Any:
+    from .config import RunConfig
+
+    return RunConfig(
+        device=kw.pop("device"),
+        batch_size=kw.pop("batch_size"),
+        num_workers=kw.pop("workers"),
+        channels_last=not kw.pop("no_channels_last"),
+        compile=kw.pop("compile_"),
+        on_error=on_error,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="embedpipe")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Transfer learning on images with cached embeddings.
+
+    Extract embeddings from a frozen timm backbone once, then train heads on them in seconds.
+    """
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("embedpipe").setLevel(level)
+    ctx.obj = {"quiet": quiet}
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@backbone_options
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="skip: record an undecodable image in the ledger and go on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@_handle_errors
+def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, val_fraction: float,
+            test_fraction: float, split_seed: int, **kw: Any) -> None:
+    """Embed a dataset once with a frozen backbone into the HDF5 cache.
+
+    SOURCE is a folder with one sub-folder per class (optionally under train/ val/ test/),
+    a CSV manifest (path,label[,split]) or a folder of unlabelled images.
+
+    \b
+    Example:
+        embedpipe extract data/flowers --backbone tf_efficientnet_lite0 --cache-dir cache/
+        embedpipe extract data/flowers -b resnet50.a1_in1k --output embedding --output logits
+    """
+    from .config import SplitConfig
+    from .pipeline import extract as run_extract
+
+    spec = backbone_spec(kw)
+    run = run_config(kw, on_error=on_error)
+    quiet = ctx.obj["quiet"] or as_json
+    result = run_extract(
+        source,
+        spec,
+        cache_dir=kw.pop("cache_dir"),
+        split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed),
+        run=run,
+        progress=_progress_factory(quiet),
+    )
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(str(result.path))
+    if not ctx.obj["quiet"]:
+        if result.cache_hit:
+            how = "cache hit, nothing computed"
+        else:
+            rate = f" at {result.images_per_second:.1f} img/s" if result.images_per_second else ""
+            how = f"{result.computed} computed{rate} on {result.device}, {result.reused} from cache"
+        dims = ", ".join(f"{k} {v}" for k, v in result.dims.items())
+        skipped = f", {len(result.failed)} skipped (see `embedpipe cache info`)" if result.failed else ""
+        click.echo(
+            f"{result.num_images} images x ({dims}) from {result.backbone}: {how}{skipped}; {result.seconds:.1f} s",
+            err=True,
+        )
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect, verify and clean the embedding cache."""
+
+
+@cache.command("ls")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def cache_ls(cache_dir: str, as_json: bool) -> None:
+    """List exported files and stores.
+
+    \b
+    Example:
+        embedpipe cache ls --cache-dir cache/
+    """
+    from .pipeline import cache_list
+
+    listing = cache_list(cache_dir)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    if not listing["exports"] and not listing["stores"]:
+        click.echo(f"{cache_dir}: empty")
+        return
+    for entry in listing["exports"]:
+        if "error" in entry:
+            click.echo(f"{entry['path']}  ({entry['error']})")
+            continue
+        dims = ",".join(str(d) for d in (entry["dims"] or {}).values())
+        click.echo(f"{entry['path']}  {entry['backbone']}  {entry['rows']} x {dims}  {entry['bytes'] / 2**20:.1f} MiB")
+    for entry in listing["stores"]:
+        click.echo(
+            f"store {entry['key'][:12]}  {entry['backbone']}  {entry['weights'][:24] if entry['weights'] else ''}  "
+            f"{entry['rows']} rows  {entry['bytes'] / 2**20:.1f} MiB"
+        )
+
+
+@cache.command("info")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def cache_info(file: str, as_json: bool) -> None:
+    """Show an exported file's metadata and error ledger.
+
+    \b
+    Example:
+        embedpipe cache info cache/flowers-tf_efficientnet_lite0-0123456789ab.h5
+    """
+    from .pipeline import cache_info as info
+
+    data = info(file)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    for key in ("backbone", "weights", "rows", "dims", "outputs", "dtype", "precision", "class_names",
+                "split_counts", "split_seed", "preprocess", "dataset", "versions", "cache_key"):
+        if key in data:
+            value = data[key]
+            click.echo(f"{key:14} {json.dumps(value) if not isinstance(value, str) else value}")
+    click.echo(f"{'errors':14} {len(data['errors'])}")
+    for error in data["errors"]:
+        click.echo(f"  {error['path']}: {error['reason']}")
+
+
+@cache.command("verify")
+@click.argument("target", type=click.Path(), default="cache")
+@click.option("--files", "check_files", is_flag=True, help="Also re-hash the source images and report changed ones.")
+@_handle_errors
+def cache_verify(target: str, check_files: bool) -> None:
+    """Read every byte of an exported file (or a whole cache folder) and check it.
+
+    \b
+    Example:
+        embedpipe cache verify cache/
+    """
+    from .pipeline import cache_verify as verify
+
+    problems = verify(target, check_files=check_files)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{target}: ok")
+
+
+@cache.command("rm")
+@click.argument("targets", nargs=-1)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--all", "everything", is_flag=True, help="Delete the whole cache folder.")
+@_handle_errors
+def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None:
+    """Delete exported files, stores (by key prefix or backbone name), or everything.
+
+    \b
+    Example:
+        embedpipe cache rm cache/flowers-tf_efficientnet_lite0-0123456789ab.h5
+        embedpipe cache rm resnet50 --cache-dir cache/
+        embedpipe cache rm --all
+    """
+    from .pipeline import cache_remove
+
+    if not targets and not everything:
+        raise click.UsageError("name what to remove (a file, a store key or a backbone), or pass --all")
+    for removed in cache_remove(list(targets), cache_dir=cache_dir, everything=everything):
+        click.echo(f"removed {removed}")
+
+
+def main() -> None:
+    cli(prog_name="embedpipe")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Image sources -> an ordered list of records.
+
+Three layouts are understood:
+
+* a folder tree with one sub-folder per class (ImageFolder), optionally with
+  ``train/``, ``val/`` and ``test/`` folders on top;
+* a CSV manifest with columns ``path,label[,split]``, paths relative to it;
+* a plain folder of unlabelled images.
+
+Records are sorted by path so the order never depends on the file system.
+When labelled images come with no split, a deterministic stratified split is
+made from a seed (see :func:`stratified_split`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import SplitConfig
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+SPLITS = ("train", "val", "test")
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset."""
+
+    path: Path  # absolute
+    relpath: str  # relative to the dataset root, with forward slashes; what is stored
+    label: int = UNLABELLED
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An ordered list of images with their labels and splits."""
+
+    root: Path
+    layout: str  # "folder", "split-folder", "manifest" or "unlabelled"
+    records: tuple[Record, ...]
+    class_names: tuple[str, ...] = ()
+    split_source: str = "none"  # "given" (folders or manifest), "seeded" or "none"
+    split_config: SplitConfig | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    @property
+    def has_split(self) -> bool:
+        return any(record.split is not None for record in self.records)
+
+    @property
+    def name(self) -> str:
+        return self.root.stem if self.layout == "manifest" else self.root.name
+
+    def describe(self) -> dict[str, Any]:
+        """What is stored with the cache to say which dataset this was."""
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "num_images": len(self.records),
+            "class_names": list(self.class_names),
+            "split_source": self.split_source,
+            "split_config": self.split_config.to_dict() if self.split_config else None,
+        }
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """All image files below ``folder``, recursively, sorted; hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / name for name in filenames if _is_image(Path(name)))
+    return sorted(found)
+
+
+def _relpath(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def load_dataset(source: str | Path, *, split: SplitConfig | None = None) -> Dataset:
+    """Read a folder tree, CSV manifest or plain folder of images.
+
+    Args:
+        source: a folder, or a ``.csv`` manifest.
+        split: how to split labelled images that come without a split; the
+            default :class:`SplitConfig` when None. Unlabelled data is not split.
+
+    Raises:
+        DataError: the source is missing, empty or malformed.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"{source} does not exist: pass a folder of images or a CSV manifest")
+    source = source.resolve()
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source} is a file but not a .csv manifest: pass a folder of images or a CSV manifest")
+        dataset = _load_manifest(source)
+    else:
+        dataset = _load_folder(source)
+    if not dataset.records:
+        raise DataError(
+            f"no images found in {source} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}): "
+            "check the path, or the layout described in the README"
+        )
+    if dataset.labelled and not dataset.has_split:
+        split = split or SplitConfig()
+        records = stratified_split(dataset.records, split)
+        dataset = Dataset(
+            root=dataset.root,
+            layout=dataset.layout,
+            records=records,
+            class_names=dataset.class_names,
+            split_source="seeded",
+            split_config=split,
+        )
+    logger.info("%s: %d images, %d classes, layout %s", source, len(dataset), len(dataset.class_names), dataset.layout)
+    return dataset
+
+
+def _load_folder(root: Path) -> Dataset:
+    subdirs = _visible_dirs(root)
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLITS]
+    if split_dirs:
+        others = [d.name for d in subdirs if d.name.lower() not in SPLITS]
+        if others:
+            raise DataError(
+                f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
+                f"({', '.join(others[:3])}): put every class folder inside train/, val/ or test/"
+            )
+        return _load_split_folders(root, split_dirs)
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    if subdirs and any(_images_under(d) for d in subdirs):
+        if loose:
+            raise DataError(
+                f"{root} holds both class folders and {len(loose)} loose images (e.g. {loose[0].name}): "
+                "move the loose images into a class folder, or point at a folder of only unlabelled images"
+            )
+        class_names = tuple(d.name for d in subdirs if _images_under(d))
+        records = tuple(
+            Record(path=path, relpath=_relpath(path, root), label=label)
+            for label, name in enumerate(class_names)
+            for path in _images_under(root / name)
+        )
+        return Dataset(root=root, layout="folder", records=_sorted(records), class_names=class_names)
+    records = tuple(Record(path=path, relpath=_relpath(path, root)) for path in _images_under(root))
+    return Dataset(root=root, layout="unlabelled", records=records)
+
+
+def _load_split_folders(root: Path, split_dirs: list[Path]) -> Dataset:
+    class_names = tuple(sorted({d.name for split_dir in split_dirs for d in _visible_dirs(split_dir) if _images_under(d)}))
+    index = {name: label for label, name in enumerate(class_names)}
+    records = []
+    for split_dir in split_dirs:
+        loose = [p for p in split_dir.iterdir() if p.is_file() and _is_image(p)]
+        if loose:
+            raise DataError(
+                f"{split_dir} holds images outside class folders (e.g. {loose[0].name}): "
+                "put them in a sub-folder named after their class"
+            )
+        for class_dir in _visible_dirs(split_dir):
+            for path in _images_under(class_dir):
+                records.append(
+                    Record(path=path, relpath=_relpath(path, root), label=index[class_dir.name], split=split_dir.name.lower())
+                )
+    return Dataset(
+        root=root, layout="split-folder", records=_sorted(records), class_names=class_names, split_source="given"
+    )
+
+
+def _load_manifest(manifest: Path) -> Dataset:
+    root = manifest.parent
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{manifest} is not a readable CSV file ({error}): save it as UTF-8 CSV with a header row") from None
+    if "path" not in columns:
+        raise DataError(
+            f"{manifest} has no 'path' column (columns: {', '.join(columns) or 'none'}): "
+            "the header must be path,label[,split]"
+        )
+    has_labels = "label" in columns
+    has_split = "split" in columns
+    records: list[tuple[Path, str, str | None, str | None]] = []
+    missing: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        raw = row.get("path", "")
+        if not raw:
+            raise DataError(f"{manifest}:{line}: empty path: fill it in or delete the row")
+        path = (root / raw).resolve()
+        if not path.is_relative_to(root):
+            raise DataError(
+                f"{manifest}:{line}: path {raw!r} escapes the manifest's folder {root}: "
+                "keep images inside it and use paths relative to the manifest"
+            )
+        if not path.is_file():
+            missing.append(f"{raw} (line {line})")
+            continue
+        label = row.get("label") if has_labels else None
+        if has_labels and not label:
+            raise DataError(f"{manifest}:{line}: empty label: fill it in, or drop the label column for unlabelled data")
+        split = row.get("split", "").lower() if has_split else None
+        if has_split and split not in SPLITS:
+            raise DataError(f"{manifest}:{line}: split {row.get('split')!r} is not one of {', '.join(SPLITS)}")
+        records.append((path, _relpath(path, root), label, split))
+    if missing:
+        raise DataError(
+            f"{manifest}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}: fix the paths (relative to the manifest) or remove those rows"
+        )
+    seen: dict[str, int] = {}
+    for _, relpath, _, _ in records:
+        seen[relpath] = seen.get(relpath, 0) + 1
+    duplicates = [p for p, n in seen.items() if n > 1]
+    if duplicates:
+        raise DataError(f"{manifest}: {duplicates[0]} is listed {seen[duplicates[0]]} times: list each image once")
+    class_names = tuple(sorted({label for _, _, label, _ in records if label is not None}))
+    index = {name: i for i, name in enumerate(class_names)}
+    built = tuple(
+        Record(path=path, relpath=relpath, label=index[label] if label is not None else UNLABELLED, split=split)
+        for path, relpath, label, split in records
+    )
+    return Dataset(
+        root=manifest,
+        layout="manifest",
+        records=_sorted(built),
+        class_names=class_names,
+        split_source="given" if has_split else "none",
+    )
+
+
+def _sorted(records: tuple[Record, ...] | list[Record]) -> tuple[Record, ...]:
+    return tuple(sorted(records, key=lambda r: r.relpath))
+
+
+def _rank(seed: int, relpath: str) -> bytes:
+    return hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
+
+
+def stratified_split(records: tuple[Record, ...], config: SplitConfig) -> tuple[Record, ...]:
+    """Assign train/val/test per class, deterministically from ``config.seed``.
+
+    Within each class, images are ordered by a hash of (seed, relative path) and
+    the first ``round(n * test_fraction)`` go to test, the next
+    ``round(n * val_fraction)`` to val, the rest to train. Hashing rather than
+    shuffling keeps an image's split stable when other images are added.
+    A class too small to spare an image keeps it in train.
+    """
+    if not 0 <= config.val_fraction < 1 or not 0 <= config.test_fraction < 1:
+        raise DataError("val and test fractions must be in [0, 1): pass e.g. --val-fraction 0.1 --test-fraction 0.2")
+    if config.val_fraction + config.test_fraction >= 1:
+        raise DataError("val + test fractions leave no training images: make them sum to less than 1")
+    by_class: dict[int, list[Record]] = defaultdict(list)
+    for record in records:
+        by_class[record.label].append(record)
+    assigned: dict[str, str] = {}
+    for members in by_class.values():
+        members = sorted(members, key=lambda r: _rank(config.seed, r.relpath))
+        n = len(members)
+        n_test = min(round(n * config.test_fraction), n - 1)
+        n_val = min(round(n * config.val_fraction), n - 1 - n_test)
+        for i, record in enumerate(members):
+            assigned[record.relpath] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return tuple(
+        Record(path=r.path, relpath=r.relpath, label=r.label, split=assigned[r.relpath]) for r in records
+    )

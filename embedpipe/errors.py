@@ -1,0 +1,42 @@
+"""The exceptions embedpipe raises on bad input or a broken environment.
+
+Every message names the problem and what to do about it. Library code raises
+these; only :mod:`embedpipe.cli` turns them into a one-line message and a
+non-zero exit status.
+"""
+
+from __future__ import annotations
+
+
+class EmbedpipeError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+    exit_code = 1
+
+
+class DataError(EmbedpipeError):
+    """The dataset cannot be read: missing folder, bad manifest, no images."""
+
+    exit_code = 2
+
+
+class BackboneError(EmbedpipeError):
+    """The backbone cannot be built: unknown name, weights unavailable."""
+
+    exit_code = 3
+
+
+class WeightsError(BackboneError):
+    """A weights file is unreadable or does not fit the architecture."""
+
+
+class CacheError(EmbedpipeError):
+    """The cache is unreadable, of another format version, or cannot be written."""
+
+    exit_code = 4
+
+
+class ImageDecodeError(EmbedpipeError):
+    """One image could not be decoded (and ``on_error='fail'`` was asked for)."""
+
+    exit_code = 5

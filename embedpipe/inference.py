@@ -1,0 +1,166 @@
+"""The one inference loop: images in, (row ids, outputs) out. No file I/O here.
+
+Workers decode and crop in parallel with the forward pass and hand uint8
+tensors over; the main process moves them to the device (pinned memory and
+non-blocking copies on CUDA), normalises there, and runs the frozen network
+under ``torch.inference_mode`` with optional autocast, channels_last and
+``torch.compile``. Each batch is yielded as soon as it is done, so memory
+stays flat however large the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL.Image import DecompressionBombError
+
+from .config import OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, RunConfig
+from .preprocess import decode_image, eval_transform, normalize, resize_target
+
+logger = logging.getLogger(__name__)
+
+# What Pillow raises for truncated, corrupt, unknown or oversized files;
+# DecompressionBombError subclasses Exception directly.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, DecompressionBombError)
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Batch:
+    """One finished batch.
+
+    Attributes:
+        rows: int64 (B,) positions in the item list passed to :func:`embed`.
+        outputs: name -> float32 (B, D) array, rows aligned with ``rows``.
+        errors: (row, reason) for images in this batch that could not be decoded.
+    """
+
+    rows: np.ndarray
+    outputs: dict[str, np.ndarray]
+    errors: list[tuple[int, str]]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes and crops one image per item; a bad file yields its error, not a neighbour."""
+
+    def __init__(self, paths: Sequence[str | Path], config: EmbeddingConfig) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = eval_transform(config.preprocess)
+        self.draft_to = resize_target(config.preprocess) if config.preprocess.jpeg_draft else None
+        c, h, w = config.preprocess.input_size
+        self.blank = torch.zeros((c, h, w), dtype=torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            image = decode_image(self.paths[index], draft_to=self.draft_to)
+            return index, self.transform(image), ""
+        except DECODE_ERRORS as error:
+            reason = f"{type(error).__name__}: {error}".strip()
+            return index, self.blank, reason or "undecodable image"
+
+
+def forward_outputs(model: torch.nn.Module, x: torch.Tensor, outputs: Sequence[str]) -> dict[str, torch.Tensor]:
+    """All requested outputs from one forward pass.
+
+    Returns:
+        name -> (B, D) tensor: ``embedding`` is ``forward_head(features, pre_logits=True)``,
+        ``logits`` the classifier output, ``stageN`` the spatially averaged output of stage N.
+    """
+    stages = sorted({int(name[len(STAGE_PREFIX):]) for name in outputs if name.startswith(STAGE_PREFIX)})
+    result: dict[str, torch.Tensor] = {}
+    if stages:
+        features, intermediates = model.forward_intermediates(x, indices=stages, intermediates_only=False)
+        for stage, tensor in zip(stages, intermediates):
+            result[f"{STAGE_PREFIX}{stage}"] = tensor.float().mean(dim=tuple(range(2, tensor.ndim)))
+    else:
+        features = model.forward_features(x)
+    if OUTPUT_EMBEDDING in outputs:
+        result[OUTPUT_EMBEDDING] = model.forward_head(features, pre_logits=True).flatten(1)
+    if OUTPUT_LOGITS in outputs:
+        result[OUTPUT_LOGITS] = model.forward_head(features).flatten(1)
+    return {name: result[name] for name in outputs}
+
+
+def default_workers(device: str) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.startswith("cuda"):
+        return min(16, cores)  # the GPU waits on decoding: use every core
+    # On CPU decoding and the forward share the cores; one worker per two
+    # cores overlaps them without starving the forward's own threads.
+    return max(1, min(8, cores // 2))
+
+
+def prepare_model(model: torch.nn.Module, device: str, run: RunConfig) -> torch.nn.Module:
+    """Move to the device, set channels_last and compile, as the run asks."""
+    model = model.to(device)
+    if run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run.compile:
+        model = torch.compile(model)
+    return model
+
+
+def embed(
+    model: torch.nn.Module,
+    paths: Sequence[str | Path],
+    config: EmbeddingConfig,
+    *,
+    device: str,
+    run: RunConfig = RunConfig(),
+) -> Iterator[Batch]:
+    """Run the frozen ``model`` over image files, one :class:`Batch` at a time.
+
+    Args:
+        model: a prepared model (see :func:`prepare_model`) on ``device``.
+        paths: image files; a batch's ``rows`` index into this list.
+        config: the embedding config (preprocessing, outputs, precision).
+        device: a resolved device string.
+        run: batch size, workers and the rest of how to run.
+    """
+    workers = default_workers(device) if run.num_workers is None else run.num_workers
+    workers = min(workers, max(0, (len(paths) + run.batch_size - 1) // run.batch_size))
+    on_cuda = device.startswith("cuda")
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, config),
+        batch_size=run.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=on_cuda,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    autocast_dtype = _AUTOCAST_DTYPES.get(config.precision)
+    device_type = device.split(":")[0]
+    memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    with torch.inference_mode():
+        for rows, images, reasons in loader:
+            ok = torch.tensor([not reason for reason in reasons], dtype=torch.bool)
+            errors = [(int(row), reason) for row, reason in zip(rows.tolist(), reasons) if reason]
+            if not bool(ok.any()):
+                yield Batch(rows=np.empty(0, dtype=np.int64), outputs={}, errors=errors)
+                continue
+            if not bool(ok.all()):
+                rows, images = rows[ok], images[ok]
+            x = images.to(device, non_blocking=on_cuda).contiguous(memory_format=memory_format)
+            x = normalize(x, config.preprocess)
+            if autocast_dtype is not None:
+                with torch.autocast(device_type=device_type, dtype=autocast_dtype):
+                    out = forward_outputs(model, x, config.outputs)
+            else:
+                out = forward_outputs(model, x, config.outputs)
+            yield Batch(
+                rows=rows.numpy().astype(np.int64),
+                outputs={name: value.float().cpu().numpy() for name, value in out.items()},
+                errors=errors,
+            )

@@ -1,0 +1,436 @@
+"""One library function per CLI command; the CLI only parses and prints.
+
+>>> import embedpipe
+>>> result = embedpipe.extract("path/to/images", "tf_efficientnet_lite0", cache_dir="cache")
+>>> X, y, meta = embedpipe.load(result.path)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+
+from . import __version__
+from .cache import (
+    FILE_KIND,
+    ExportRequest,
+    FileIndex,
+    Store,
+    export_name,
+    list_exports,
+    list_stores,
+    read_attrs,
+    read_export,
+    remove_tmp_files,
+    verify_export,
+    verify_store,
+    write_export,
+)
+from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of, sha256_file
+from .data import Dataset, load_dataset
+from .errors import CacheError, ImageDecodeError
+
+logger = logging.getLogger(__name__)
+
+# A progress factory: given a stage name and a total, a context manager
+# yielding a callable that advances by n. The CLI passes tqdm bars.
+ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+
+
+@contextlib.contextmanager
+def _no_progress(stage: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` did."""
+
+    path: Path  # the exported HDF5 file
+    cache_hit: bool  # True when the exported file was already there: no forward pass
+    num_images: int  # rows in the exported file
+    computed: int  # images embedded in this run
+    reused: int  # images whose rows came from the cache
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) ledger
+    dims: dict[str, int] = field(default_factory=dict)
+    backbone: str = ""
+    cache_key: str = ""
+    device: str = ""
+    seconds: float = 0.0
+    images_per_second: float | None = None  # of the forward stage, when it ran
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import PIL
+    import timm
+    import torch
+
+    return {
+        "embedpipe": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "h5py": h5py.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def _spec(backbone: str | BackboneSpec) -> BackboneSpec:
+    return BackboneSpec(name=backbone) if isinstance(backbone, str) else backbone
+
+
+def resolve(backbone: str | BackboneSpec, device: str) -> EmbeddingConfig:
+    """The embedding config a backbone spec gives on a device (no network built)."""
+    from .backbone import resolve_embedding_config, resolve_precision
+
+    spec = _spec(backbone)
+    outputs = tuple(dict.fromkeys((OUTPUT_EMBEDDING, *spec.outputs)))  # the embedding is always stored
+    return resolve_embedding_config(
+        spec.name,
+        weights=spec.weights,
+        pretrained=spec.pretrained,
+        preprocess=spec.preprocess,
+        outputs=outputs,
+        precision=resolve_precision(spec.precision, device),
+        dtype=spec.dtype,
+    )
+
+
+def dataset_fingerprint(dataset: Dataset, digests: list[str], config: EmbeddingConfig) -> str:
+    """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config."""
+    return digest_of(
+        {
+            "key": config.key(),
+            "rows": [[r.relpath, r.label, r.split, d] for r, d in zip(dataset.records, digests)],
+            "classes": list(dataset.class_names),
+            "layout": dataset.layout,
+            "split": dataset.split_config.to_dict() if dataset.split_config else None,
+        }
+    )
+
+
+def extract(
+    source: str | Path,
+    backbone: str | BackboneSpec = BackboneSpec(),
+    *,
+    cache_dir: str | Path = "cache",
+    split: SplitConfig | None = None,
+    run: RunConfig = RunConfig(),
+    progress: ProgressFactory = _no_progress,
+) -> ExtractResult:
+    """Embed every image of a dataset once, into the cache, and export it to one HDF5 file.
+
+    Images already in the cache under the same embedding config (same content,
+    wherever the file lives) are not recomputed; a killed run resumes where it
+    stopped.
+
+    Args:
+        source: folder tree, CSV manifest or plain folder of images.
+        backbone: a timm model name, or a :class:`BackboneSpec` for weights/outputs/precision.
+        cache_dir: the cache folder; created when missing.
+        split: how to split labelled data that comes without a split.
+        run: device, batch size, workers, error policy.
+        progress: progress bar factory (see :data:`ProgressFactory`).
+
+    Returns:
+        An :class:`ExtractResult`; ``result.path`` is the exported file, with
+        datasets ``embeddings`` (N, D), ``labels``, ``paths``, ``split`` and
+        the metadata described in the README.
+    """
+    from .backbone import resolve_device
+
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    if run.on_error not in ("skip", "fail"):
+        raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
+    dataset = load_dataset(source, split=split)
+    device = resolve_device(run.device)
+    spec = _spec(backbone)
+    config = resolve(spec, device)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheError(f"cannot create cache folder {cache_dir} ({error.strerror}): pick a writable --cache-dir") from None
+
+    with progress("hashing", len(dataset)) as advance:
+        digests = FileIndex(cache_dir).digests([r.path for r in dataset.records], progress=advance)
+    fingerprint = dataset_fingerprint(dataset, digests, config)
+    path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
+    attrs = read_attrs(path)
+    if attrs and attrs.get("dataset_fingerprint") == fingerprint and attrs.get("cache_key") == config.key():
+        failed = _ledger(path)
+        _raise_on_failures(run, failed)
+        return ExtractResult(
+            path=path,
+            cache_hit=True,
+            num_images=len(dataset) - len(failed),
+            computed=0,
+            reused=len(dataset) - len(failed),
+            failed=failed,
+            dims=dict(attrs.get("dims", {})),
+            backbone=config.backbone,
+            cache_key=config.key(),
+            device=device,
+            seconds=time.perf_counter() - started,
+        )
+
+    store = Store(cache_dir, config)
+    with store.lock():
+        index = store.index()
+        todo: dict[bytes, Path] = {}
+        for record, digest in zip(dataset.records, digests):
+            key = digest.encode()
+            if key not in index and key not in todo:
+                todo[key] = record.path
+        previously_failed = [
+            (r.relpath, index.errors[d.encode()]) for r, d in zip(dataset.records, digests) if d.encode() in index.errors
+        ]
+        _raise_on_failures(run, previously_failed)
+        forward_seconds, computed = _compute(store, todo, spec, config, device, run, progress)
+        index = store.index()
+        dims = {o: store.width(index, o) for o in config.outputs}
+        request = ExportRequest(
+            paths=[r.relpath for r in dataset.records],
+            labels=np.array([r.label for r in dataset.records], dtype=np.int64),
+            split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
+            digests=[d.encode() for d in digests],
+            attrs={
+                "kind": FILE_KIND,
+                "format_version": CACHE_FORMAT,
+                "cache_key": config.key(),
+                "dataset_fingerprint": fingerprint,
+                "embedding_config": config.to_dict(),
+                "backbone": config.backbone,
+                "weights": config.weights,
+                "preprocess": config.preprocess.to_dict(),
+                "outputs": list(config.outputs),
+                "precision": config.precision,
+                "dtype": config.dtype,
+                "dims": dims,
+                "class_names": list(dataset.class_names),
+                "dataset": dataset.describe(),
+                "split_seed": dataset.split_config.seed if dataset.split_config else -1,
+                "versions": _versions(),
+            },
+        )
+        write_export(path, store, index, request)
+    failed = _ledger(path)
+    return ExtractResult(
+        path=path,
+        cache_hit=False,
+        num_images=len(dataset) - len(failed),
+        computed=computed,
+        reused=len(dataset) - len(failed) - computed,
+        failed=failed,
+        dims=dims,
+        backbone=config.backbone,
+        cache_key=config.key(),
+        device=device,
+        seconds=time.perf_counter() - started,
+        images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None,
+    )
+
+
+def _ledger(path: Path) -> list[tuple[str, str]]:
+    return read_export(path, outputs=[]).errors
+
+
+def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
+    if run.on_error == "fail" and failed:
+        where, reason = failed[0]
+        raise ImageDecodeError(f"{where}: {reason}: fix or remove the file, or pass --on-error skip to record and go on")
+
+
+def _compute(
+    store: Store,
+    todo: dict[bytes, Path],
+    spec: BackboneSpec,
+    config: EmbeddingConfig,
+    device: str,
+    run: RunConfig,
+    progress: ProgressFactory,
+) -> tuple[float, int]:
+    """Embed the images in ``todo`` into the store, one committed shard per batch."""
+    from .backbone import load_backbone
+    from .cache import COMPACT_SHARDS
+    from .inference import embed, prepare_model
+
+    if not todo:
+        return 0.0, 0
+    model = prepare_model(load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained), device, run)
+    digests = list(todo)
+    paths = list(todo.values())
+    computed = 0
+    written = 0
+    started = time.perf_counter()
+    with progress("embedding", len(paths)) as advance:
+        for batch in embed(model, paths, config, device=device, run=run):
+            errors = [(digests[row], reason) for row, reason in batch.errors]
+            store.write_shard([digests[row] for row in batch.rows.tolist()], batch.outputs, errors)
+            written += 1
+            computed += len(batch.rows)
+            advance(len(batch.rows) + len(errors))
+            if errors and run.on_error == "fail":
+                row, reason = batch.errors[0]
+                raise ImageDecodeError(f"{paths[row]}: {reason}: fix or remove the file, or pass --on-error skip")
+            for row, reason in batch.errors:
+                logger.warning("skipped %s: %s", paths[row], reason)
+            if written % COMPACT_SHARDS == 0:
+                store.compact()
+    seconds = time.perf_counter() - started
+    store.compact()
+    return seconds, computed
+
+
+def load(path: str | Path, *, output: str = "embeddings", split: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read an exported file.
+
+    Args:
+        path: a file printed by :func:`extract`.
+        output: which stored output: ``embeddings``, ``logits`` or ``stageN``.
+        split: only rows of this split (``train``, ``val``, ``test``).
+
+    Returns:
+        ``(X, y, meta)``: X float32 (N, D); y int64 (N,), -1 when unlabelled; meta a
+        dict with ``paths``, ``split``, ``class_names``, ``errors`` and the stored attributes.
+    """
+    loaded = read_export(path, outputs=[output])
+    X, y, paths, split_column = loaded.arrays[output], loaded.labels, loaded.paths, loaded.split
+    if split is not None:
+        if split_column is None:
+            raise CacheError(f"{path} has no split: load it without split=, or extract labelled data")
+        keep = split_column == split
+        X, y, paths, split_column = X[keep], y[keep], [p for p, k in zip(paths, keep) if k], split_column[keep]
+    meta = dict(loaded.attrs)
+    meta.update(paths=paths, split=split_column, errors=loaded.errors, class_names=list(loaded.attrs.get("class_names", [])))
+    return X, y, meta
+
+
+# --------------------------------------------------------------------------- cache housekeeping
+
+
+def cache_list(cache_dir: str | Path = "cache") -> dict[str, list[dict[str, Any]]]:
+    """Exported files and stores in a cache folder, as plain dicts."""
+    exports = []
+    for path, attrs in list_exports(cache_dir):
+        if attrs is None or attrs.get("kind") != FILE_KIND:
+            exports.append({"path": str(path), "error": "not a readable embedpipe file"})
+            continue
+        exports.append(
+            {
+                "path": str(path),
+                "dataset": (attrs.get("dataset") or {}).get("root", ""),
+                "backbone": attrs.get("backbone"),
+                "rows": (attrs.get("dataset") or {}).get("num_images"),
+                "dims": attrs.get("dims"),
+                "bytes": path.stat().st_size,
+            }
+        )
+    stores = [
+        {
+            "path": str(root),
+            "key": root.name,
+            "backbone": (config or {}).get("config", {}).get("backbone"),
+            "weights": (config or {}).get("config", {}).get("weights"),
+            "rows": rows,
+            "bytes": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+        }
+        for root, config, rows in list_stores(cache_dir)
+    ]
+    return {"exports": exports, "stores": stores}
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """An exported file's metadata, its shape and its error ledger."""
+    loaded = read_export(path, outputs=[])
+    info = dict(loaded.attrs)
+    info["rows"] = len(loaded.paths)
+    info["errors"] = [{"path": p, "reason": r} for p, r in loaded.errors]
+    if loaded.split is not None:
+        names, counts = np.unique(loaded.split, return_counts=True)
+        info["split_counts"] = {str(n): int(c) for n, c in zip(names, counts)}
+    return info
+
+
+def cache_verify(target: str | Path, *, check_files: bool = False) -> list[str]:
+    """Problems in an exported file or a whole cache folder; empty when all is sound.
+
+    Args:
+        target: an exported ``.h5`` file, or a cache folder (every export and store).
+        check_files: also re-hash the dataset's image files and report those that changed.
+    """
+    target = Path(target)
+    if not target.exists():
+        raise CacheError(f"{target} does not exist: pass an exported .h5 file or a cache folder")
+    problems: list[str] = []
+    files = [p for p, _ in list_exports(target)] if target.is_dir() else [target]
+    for file in files:
+        problems += [f"{file}: {p}" for p in verify_export(file)]
+        if check_files and not problems:
+            loaded = read_export(file, outputs=[])
+            root = Path(loaded.attrs["dataset"]["root"])
+            root = root.parent if root.is_file() else root
+            for rel, digest in zip(loaded.paths, loaded.digests):
+                source = root / rel
+                if not source.is_file():
+                    problems.append(f"{file}: source image {source} is gone")
+                elif sha256_file(source) != digest:
+                    problems.append(f"{file}: source image {source} changed since extraction; rerun extract")
+    if target.is_dir():
+        for root, _, _ in list_stores(target):
+            problems += [f"{root}: {p}" for p in verify_store(root)]
+    return problems
+
+
+def cache_remove(targets: list[str], *, cache_dir: str | Path = "cache", everything: bool = False) -> list[str]:
+    """Delete exported files, stores (by key prefix or backbone name) or the whole cache; returns what went.
+
+    Raises:
+        CacheError: a target matches nothing, so a typo never passes silently.
+    """
+    cache_dir = Path(cache_dir)
+    removed: list[str] = []
+    if everything:
+        if cache_dir.is_dir():
+            shutil.rmtree(cache_dir)
+            removed.append(str(cache_dir))
+        return removed
+    for target in targets:
+        matched = False
+        path = Path(target)
+        if path.suffix == ".h5" and path.is_file():
+            path.unlink()
+            removed.append(str(path))
+            continue
+        for export, attrs in list_exports(cache_dir):
+            if attrs and attrs.get("backbone") == target:
+                export.unlink()
+                removed.append(str(export))
+                matched = True
+        for root, config, _ in list_stores(cache_dir):
+            backbone = (config or {}).get("config", {}).get("backbone")
+            if root.name.startswith(target) or backbone == target:
+                shutil.rmtree(root)
+                removed.append(str(root))
+                matched = True
+        if not matched:
+            raise CacheError(f"nothing in {cache_dir} matches {target!r}: see `embedpipe cache ls` for files and keys")
+    removed += [f"{n} temporary file(s)"] if (n := remove_tmp_files(cache_dir)) else []
+    return removed
+
+
+__all__ = ["ExtractResult", "cache_info", "cache_list", "cache_remove", "cache_verify", "extract", "load", "resolve"]

@@ -1,0 +1,127 @@
+"""Image file -> network input, resolved from the backbone's own pretrained config.
+
+Decoding is strict: a truncated or corrupt file raises rather than being
+silently patched (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off), EXIF
+orientation is applied, and every mode (grayscale, palette, RGBA, CMYK,
+16-bit) becomes RGB without clipping. The resize/crop is timm's own eval
+transform; the tensor stays uint8 until it is on the device, where it is
+normalised (a quarter of the bytes to move, as timm's prefetcher does).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import PreprocessConfig
+
+# Modes whose samples are wider than 8 bits; Pillow's convert("RGB") clips them.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def resolve_preprocess(pretrained_cfg: dict[str, Any], overrides: dict[str, Any] | None = None) -> PreprocessConfig:
+    """The eval preprocessing for a model: user overrides, then its pretrained_cfg, then timm's defaults.
+
+    Args:
+        pretrained_cfg: the model's ``pretrained_cfg`` dict (timm).
+        overrides: keys of :class:`PreprocessConfig` the user set; None values are ignored.
+    """
+    from ._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.data import resolve_data_config
+
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    args = {k: overrides[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in overrides}
+    if "input_size" in args and isinstance(args["input_size"], int):
+        args["input_size"] = (3, args["input_size"], args["input_size"])
+    resolved = resolve_data_config(args=args, pretrained_cfg=pretrained_cfg)
+    return PreprocessConfig(
+        input_size=tuple(int(v) for v in resolved["input_size"]),
+        interpolation=str(resolved["interpolation"]),
+        mean=tuple(float(v) for v in resolved["mean"]),
+        std=tuple(float(v) for v in resolved["std"]),
+        crop_pct=float(resolved["crop_pct"]),
+        crop_mode=str(resolved.get("crop_mode") or "center"),
+        jpeg_draft=bool(overrides.get("jpeg_draft", True)),
+    )
+
+
+def resize_target(config: PreprocessConfig) -> int:
+    """Shortest side the eval transform resizes to before cropping."""
+    return math.floor(max(config.input_size[1:]) / config.crop_pct)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            # Float images carry no range; map their own min..max onto 0..255.
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) / (high - low or 1.0) * 255.0
+        else:
+            # 16-bit samples (Pillow also opens 16-bit PNGs as mode "I").
+            array = array / 257.0
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white: transparent pixels often hold black RGB, which
+        # convert("RGB") would expose.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(path: str | Path, *, draft_to: int | None = None) -> Image.Image:
+    """Open an image file as an RGB PIL image, fully decoded.
+
+    Args:
+        path: the image file.
+        draft_to: when set, a JPEG may be decoded at a reduced scale whose
+            shortest side is still at least this many pixels.
+
+    Raises:
+        OSError, ValueError, SyntaxError, EOFError: the file is not a decodable image.
+            Pillow raises these for truncated, corrupt and unknown files.
+    """
+    with Image.open(path) as image:
+        image.seek(0)  # GIF and multi-page TIFF: the first frame
+        if draft_to and image.format == "JPEG":
+            # EXIF rotation happens after the draft, so bound both sides.
+            image.draft("RGB", (draft_to, draft_to))
+        image.load()  # a truncated file raises here, not at open()
+        image = ImageOps.exif_transpose(image)
+        return _to_rgb(image)
+
+
+def eval_transform(config: PreprocessConfig) -> Callable[[Image.Image], Any]:
+    """timm's eval transform up to a uint8 CHW tensor (normalisation happens on the device)."""
+    from ._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=config.input_size,
+        interpolation=config.interpolation,
+        mean=config.mean,
+        std=config.std,
+        crop_pct=config.crop_pct,
+        crop_mode=config.crop_mode,
+        is_training=False,
+        use_prefetcher=True,
+    )
+
+
+def normalize(batch: Any, config: PreprocessConfig, *, dtype: Any = None) -> Any:
+    """uint8 (B, C, H, W) tensor -> float tensor normalised with the config's mean/std."""
+    import torch
+
+    mean = torch.tensor(config.mean, device=batch.device).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(config.std, device=batch.device).view(1, -1, 1, 1) * 255.0
+    out = (batch.float() - mean) / std
+    return out if dtype is None else out.to(dtype)
