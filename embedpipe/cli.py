@@ -20,6 +20,7 @@ import click
 
 from .config import DEFAULT_BACKBONE
 from .errors import EmbedpipeError
+from .examples import EXAMPLES
 
 logger = logging.getLogger("embedpipe")
 
@@ -49,7 +50,8 @@ def _progress_factory(quiet: bool) -> Callable[[str, int], Any]:
             return
         from tqdm import tqdm
 
-        with tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr, leave=False) as bar:
+        # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
+        with tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
             yield bar.update
 
     return factory
@@ -204,6 +206,23 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, val_f
             f"{result.num_images} images x ({dims}) from {result.backbone}: {how}{skipped}; {result.seconds:.1f} s",
             err=True,
         )
+
+
+@cli.command("example-data")
+@click.argument("name", type=click.Choice(sorted(EXAMPLES)))
+@click.argument("dest", type=click.Path(file_okay=False))
+@_handle_errors
+def example_data(name: str, dest: str) -> None:
+    """Write a small real labelled dataset that ships in a PyPI package; prints its manifest.
+
+    \b
+    Example:
+        pip install elpv-dataset
+        embedpipe example-data elpv data/elpv && embedpipe extract data/elpv/manifest.csv
+    """
+    from .examples import prepare_example
+
+    click.echo(str(prepare_example(name, dest)))
 
 
 @cli.group()

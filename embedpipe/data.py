@@ -68,7 +68,10 @@ class Dataset:
 
     @property
     def name(self) -> str:
-        return self.root.stem if self.layout == "manifest" else self.root.name
+        """Short name for file names: the folder, or the manifest (its folder when it is called manifest.csv)."""
+        if self.layout != "manifest":
+            return self.root.name
+        return self.root.parent.name if self.root.stem.lower() == "manifest" else self.root.stem
 
     def describe(self) -> dict[str, Any]:
         """What is stored with the cache to say which dataset this was."""
@@ -147,6 +150,7 @@ def load_dataset(source: str | Path, *, split: SplitConfig | None = None) -> Dat
 def _load_folder(root: Path) -> Dataset:
     subdirs = _visible_dirs(root)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLITS]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
     if split_dirs:
         others = [d.name for d in subdirs if d.name.lower() not in SPLITS]
         if others:
@@ -154,8 +158,12 @@ def _load_folder(root: Path) -> Dataset:
                 f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) with other folders "
                 f"({', '.join(others[:3])}): put every class folder inside train/, val/ or test/"
             )
+        if loose:
+            raise DataError(
+                f"{root} holds {len(loose)} loose images (e.g. {loose[0].name}) beside its split folders: "
+                "move them into a class folder inside train/, val/ or test/"
+            )
         return _load_split_folders(root, split_dirs)
-    loose = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
     if subdirs and any(_images_under(d) for d in subdirs):
         if loose:
             raise DataError(
@@ -200,7 +208,14 @@ def _load_manifest(manifest: Path) -> Dataset:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files surplus fields under the key None, as a list
+                    raise DataError(
+                        f"{manifest}:{reader.line_num}: more fields than the header names: "
+                        "quote paths or labels that contain commas"
+                    )
+                rows.append({(k or "").strip().lower(): (v or "").strip() for k, v in row.items()})
     except (UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"{manifest} is not a readable CSV file ({error}): save it as UTF-8 CSV with a header row") from None
     if "path" not in columns:

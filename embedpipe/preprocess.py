@@ -67,9 +67,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             # 16-bit samples (Pillow also opens 16-bit PNGs as mode "I").
             array = array / 257.0
         image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         # Composite on white: transparent pixels often hold black RGB, which
-        # convert("RGB") would expose.
+        # convert("RGB") would expose. "transparency" is a palette index for
+        # "P" and a colour key for "L" and "RGB" (PNG tRNS); convert honours both.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

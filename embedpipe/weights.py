@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -376,7 +377,10 @@ def read_state_dict(path: str | Path) -> StateDict:
             ) from error
     elif suffix in _TORCH_SUFFIXES:
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns about pickle protocols it may not parse; failures raise anyway.
+                warnings.simplefilter("ignore", UserWarning)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise WeightsError(
                 f"{path} was not loaded: it pickles objects other than tensors, and loading"

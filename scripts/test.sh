@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the tests need into .venv and run the whole suite (slow tests included).
+# torch is pinned by constraints.txt so pip takes the CPU wheel and never pulls CUDA builds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[offline,test]"
+exec .venv/bin/python -m pytest "$@"
