@@ -11,9 +11,12 @@ pays for a model.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ._compat import ensure_torchvision_importable
 from .config import DEFAULT_BACKBONE, OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, sha256_file
@@ -65,6 +68,41 @@ def _ships_offline(arch: str, tag: str) -> bool:
     from .weights import OFFLINE_WEIGHTS
 
     return arch in OFFLINE_WEIGHTS and tag in ("", OFFLINE_WEIGHTS[arch].tag)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the hub, so an offline machine fails in seconds, not after minutes of retries."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_from_hub(name: str) -> Any:
+    """timm's pretrained download, or its local Hugging Face cache when the hub cannot be reached."""
+    import huggingface_hub.constants as hub
+
+    from .weights import OFFLINE_WEIGHTS
+
+    timm = _timm()
+    was_offline = hub.HF_HUB_OFFLINE
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub.HF_HUB_OFFLINE = was_offline or not _hub_reachable()  # read at call time by huggingface_hub
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        return timm.create_model(name, pretrained=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        where = "the hub is unreachable and they are not in the local cache" if hub.HF_HUB_OFFLINE else str(error).splitlines()[0][:120]
+        raise BackboneError(
+            f"pretrained weights for {name} could not be loaded ({where}): connect to the Hugging Face hub once, "
+            f"pass --weights FILE, or use an offline backbone ({', '.join(sorted(OFFLINE_WEIGHTS))})"
+        ) from None
+    finally:
+        hub.HF_HUB_OFFLINE = was_offline
+        hub_logger.setLevel(level)
 
 
 def resolve_device(device: str) -> str:
@@ -192,15 +230,7 @@ def load_backbone(
         model = timm.create_model(arch, pretrained=False, pretrained_cfg_overlay=entry.pretrained_cfg_overrides or None)
         load_into(model, load_offline_state_dict(arch), source=entry.package)
     else:
-        try:
-            model = timm.create_model(name, pretrained=True)
-        except (OSError, RuntimeError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise BackboneError(
-                f"pretrained weights for {name} could not be loaded ({first_line[:160]}): "
-                "connect to the Hugging Face hub once, pass --weights FILE, "
-                f"or use an offline backbone ({', '.join(sorted(OFFLINE_WEIGHTS))})"
-            ) from None
+        model = _create_from_hub(name)
     model.eval()
     model.requires_grad_(False)
     return model
