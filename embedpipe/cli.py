@@ -162,9 +162,10 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record an undecodable image in the ledger and go on.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the file path; no progress bars.")
 @click.pass_context
 @_handle_errors
-def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, val_fraction: float,
+def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet: bool, val_fraction: float,
             test_fraction: float, split_seed: int, **kw: Any) -> None:
     """Embed a dataset once with a frozen backbone into the HDF5 cache.
 
@@ -181,7 +182,7 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, val_f
 
     spec = backbone_spec(kw)
     run = run_config(kw, on_error=on_error)
-    quiet = ctx.obj["quiet"] or as_json
+    quiet = ctx.obj["quiet"] or quiet or as_json
     result = run_extract(
         source,
         spec,
@@ -194,7 +195,7 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, val_f
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     click.echo(str(result.path))
-    if not ctx.obj["quiet"]:
+    if not quiet:
         if result.cache_hit:
             how = "cache hit, nothing computed"
         else:

@@ -279,3 +279,30 @@ def test_load_by_split_and_missing_file(image_tree: Path, tmp_path: Path, spec: 
     (tmp_path / "fake.h5").write_bytes(b"not hdf5")
     with pytest.raises(CacheError, match="not a readable HDF5"):
         embedpipe.load(tmp_path / "fake.h5")
+
+
+def test_hub_weights_load_from_the_local_hf_cache_offline(image_tree: Path, tmp_path: Path) -> None:
+    """A tagged timm name resolves through the usual Hugging Face cache, with no network."""
+    from safetensors.torch import save_file
+
+    weights = load_backbone("test_resnet", pretrained=False).state_dict()
+    weights = {k: v * 1.25 if v.is_floating_point() else v for k, v in weights.items()}  # not the random init
+    repo = tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(weights, repo / "snapshots" / commit / "model.safetensors")
+    save_file(weights, tmp_path / "same.safetensors")
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    common = ["--img-size", "64", "--dtype", "float32", "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    hub = subprocess.run([sys.executable, "-m", "embedpipe", "extract", str(image_tree), "-b", "test_resnet.r160_in1k", *common],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert hub.returncode == 0, hub.stderr
+    local = subprocess.run([sys.executable, "-m", "embedpipe", "extract", str(image_tree), "-b", "test_resnet", "--weights",
+                            str(tmp_path / "same.safetensors"), *common], capture_output=True, text=True, env=env, timeout=300)
+    assert local.returncode == 0, local.stderr
+    X_hub, _, meta = embedpipe.load(hub.stdout.strip())
+    assert meta["weights"] == "timm:test_resnet.r160_in1k"
+    np.testing.assert_allclose(X_hub, embedpipe.load(local.stdout.strip())[0], rtol=1e-5, atol=1e-6)
