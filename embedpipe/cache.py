@@ -320,8 +320,15 @@ class Store:
                     return int(data.shape[1])
         return 0
 
-    def read_rows(self, index: StoreIndex, digests: Sequence[bytes], output: str) -> np.ndarray:
-        """Rows for ``digests`` (all present in ``index``), in that order, in the stored dtype."""
+    def read_rows(
+        self, index: StoreIndex, digests: Sequence[bytes], output: str, *, files: dict[Path, h5py.File] | None = None
+    ) -> np.ndarray:
+        """Rows for ``digests`` (all present in ``index``), in that order, in the stored dtype.
+
+        Args:
+            files: open shard handles to reuse across calls (the caller closes them);
+                without it each shard is opened and closed here.
+        """
         by_shard: dict[Path, list[tuple[int, int]]] = {}
         for position, digest in enumerate(digests):
             shard, row = index.rows[digest]
@@ -330,7 +337,11 @@ class Store:
         for shard, pairs in by_shard.items():
             rows = np.array([r for r, _ in pairs])
             positions = np.array([p for _, p in pairs])
-            with h5py.File(shard, "r") as f:
+            with contextlib.ExitStack() as stack:
+                if files is None:
+                    f = stack.enter_context(h5py.File(shard, "r"))
+                else:
+                    f = files[shard] if shard in files else files.setdefault(shard, h5py.File(shard, "r"))
                 stored = f[dataset_name_for(output)]
                 if result is None:
                     result = np.empty((len(digests), stored.shape[1]), dtype=stored.dtype)
@@ -430,6 +441,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
             "free some space and rerun; the computed embeddings are kept"
         )
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    shard_files: dict[Path, h5py.File] = {}  # kept open across chunks: one open per shard, not per chunk
     try:
         with h5py.File(tmp, "w") as f:
             for key, value in request.attrs.items():
@@ -446,7 +458,8 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 )
                 for start in range(0, n, CHUNK_ROWS):
                     chunk = ok[start : start + CHUNK_ROWS]
-                    out[start : start + len(chunk)] = store.read_rows(index, [request.digests[i] for i in chunk], output)
+                    digests = [request.digests[i] for i in chunk]
+                    out[start : start + len(chunk)] = store.read_rows(index, digests, output, files=shard_files)
             f.create_dataset("labels", data=request.labels[ok].astype(np.int64))
             f.create_dataset("paths", data=[request.paths[i] for i in ok], dtype=_STR)
             f.create_dataset("digests", data=np.array([request.digests[i] for i in ok], dtype=DIGEST_DTYPE))
@@ -467,6 +480,9 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
         raise CacheError(
             f"could not write {path} ({error}): free disk space or pick another --cache-dir; the computed embeddings are kept"
         ) from None
+    finally:
+        for handle in shard_files.values():
+            handle.close()
 
 
 @dataclass

@@ -214,6 +214,7 @@ def extract(
                 "cache_key": config.key(),
                 "dataset_fingerprint": fingerprint,
                 "embedding_config": config.to_dict(),
+                "backbone_spec": spec.to_dict(),  # how to rebuild this backbone (predict, fine-tune)
                 "backbone": config.backbone,
                 "weights": config.weights,
                 "preprocess": config.preprocess.to_dict(),
