@@ -209,6 +209,164 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
         )
 
 
+_HEAD_OPTIONS = {  # CLI option -> head parameter; only options the user sets are passed
+    "cs": "Cs", "normalize": "normalize", "solver": "solver", "class_weight": "class_weight",
+    "hidden": "hidden", "dropout": "dropout", "weight_decay": "weight_decay", "lr": "lr",
+    "max_epochs": "max_epochs", "patience": "patience", "k": "k", "head_device": "device",
+}
+
+
+def _head_params(kind: str, kw: dict[str, Any]) -> dict[str, Any]:
+    from .heads import HEADS
+
+    accepted = set(HEADS[kind]().get_params())
+    params = {}
+    for option, param in _HEAD_OPTIONS.items():
+        value = kw.pop(option, None)
+        if value is None:
+            continue
+        if param not in accepted:
+            raise click.UsageError(f"--{option.replace('_', '-')} does not apply to the {kind} head")
+        params[param] = value
+    return params
+
+
+def _print_metrics(metrics: dict[str, dict[str, Any]]) -> None:
+    rows = [("split", "n", "accuracy", "balanced", "macro-F1", "top-k")]
+    for split, m in metrics.items():
+        top = next((v for k, v in m.items() if k.startswith("top")), float("nan"))
+        rows.append((split, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{top:.3f}"))
+    for row in rows:
+        click.echo("  ".join(cell.ljust(9) for cell in row))
+
+
+@cli.command("fit-head")
+@click.argument("embeddings", type=click.Path())
+@click.option("--head", "kind", type=click.Choice(["logreg", "mlp", "knn"]), default="logreg", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder to save the head to.")
+@click.option("--shots", type=int, default=None, help="Train on K images per class (few-shot).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Few-shot sampling seed.")
+@click.option("--output", default="embeddings", show_default=True, help="Stored output to train on (embeddings, logits, stageN).")
+@click.option("--cs", type=int, default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
+@click.option("--normalize", type=click.Choice(["standard", "l2", "none"]), default=None, help="logreg: feature normalisation [standard].")
+@click.option("--solver", type=click.Choice(["torch", "sklearn"]), default=None, help="logreg: L-BFGS in torch or scikit-learn [torch].")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes inversely to their frequency.")
+@click.option("--hidden", type=int, default=None, help="mlp: hidden width.")
+@click.option("--dropout", type=float, default=None, help="mlp: dropout.")
+@click.option("--weight-decay", type=float, default=None, help="mlp: AdamW weight decay.")
+@click.option("--lr", type=float, default=None, help="mlp: learning rate.")
+@click.option("--max-epochs", type=int, default=None, help="mlp: epoch cap (early stopping usually ends sooner).")
+@click.option("--patience", type=int, default=None, help="mlp: epochs without validation improvement before stopping.")
+@click.option("--k", type=int, default=None, help="knn: neighbours (default: chosen on validation).")
+@click.option("--head-device", default=None, help="Device for torch heads (auto: GPU when there is one).")
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def fit_head(embeddings: str, kind: str, out: str | None, shots: int | None, seed: int, output: str, as_json: bool, **kw: Any) -> None:
+    """Train a head on cached embeddings: train split to fit, val to choose, every split reported.
+
+    \b
+    Example:
+        embedpipe fit-head cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --head logreg --out heads/elpv-logreg
+        embedpipe fit-head cache/elpv-...h5 --head knn --shots 10 --seed 1
+    """
+    from .pipeline import fit_head as run_fit
+
+    result = run_fit(embeddings, kind, out=out, params=_head_params(kind, kw), shots=shots, seed=seed, output=output)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    _print_metrics(result.metrics)
+    chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.chosen.items())
+    click.echo(f"{kind}: {chosen or 'fixed hyper-parameters'}; fit {result.fit_seconds:.2f} s on {result.n_train} train rows")
+    if "test" in result.metrics:
+        click.echo(f"test confusion matrix (rows: true {', '.join(map(str, result.head.classes_))}):")
+        for row in result.metrics["test"]["confusion_matrix"]:
+            click.echo("  " + " ".join(f"{v:6d}" for v in row))
+    click.echo(f"diagnosis: {result.diagnosis}")
+    if out:
+        click.echo(f"saved {out}")
+
+
+@cli.command()
+@click.argument("head", type=click.Path())
+@click.argument("embeddings", type=click.Path())
+@click.option("--split", default=None, help="Only this split (train, val, test).")
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> None:
+    """Score a saved head on an exported embeddings file made with the same backbone.
+
+    \b
+    Example:
+        embedpipe evaluate heads/elpv-logreg cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --split test
+    """
+    from .pipeline import evaluate as run_evaluate
+
+    metrics = run_evaluate(head, embeddings, split=split)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    _print_metrics(metrics)
+
+
+@cli.command()
+@click.argument("head", type=click.Path())
+@click.argument("source", type=click.Path())
+@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write predictions to .csv or .json.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("-q", "--quiet", is_flag=True)
+@click.pass_context
+@_handle_errors
+def predict(ctx: click.Context, head: str, source: str, top_k: int, out_file: str | None, cache_dir: str, device: str,
+            batch_size: int, workers: int | None, quiet: bool) -> None:
+    """Label new images: images -> the head's backbone (via the cache) -> head -> top-k classes.
+
+    The head rebuilds the backbone and preprocessing it was trained with; images already in the
+    cache are not recomputed. Unreadable images are reported, not fatal.
+
+    \b
+    Example:
+        embedpipe predict heads/elpv-logreg path/to/new/images --top-k 2 --out predictions.csv
+    """
+    from .config import RunConfig
+    from .pipeline import predict as run_predict
+
+    run = RunConfig(device=device, batch_size=batch_size, num_workers=workers)
+    predictions, failed = run_predict(
+        head, source, top_k=top_k, cache_dir=cache_dir, run=run, progress=_progress_factory(ctx.obj["quiet"] or quiet)
+    )
+    records = [{"path": p.path, "label": p.label, "top": [{"class": c, "probability": round(v, 6)} for c, v in p.top]} for p in predictions]
+    if out_file:
+        _write_predictions(Path(out_file), records, top_k)
+    elif not quiet:
+        for record in records:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in record["top"])
+            click.echo(f"{record['path']}\t{record['label']}\t{top}")
+    for path, reason in failed:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if out_file and not quiet:
+        click.echo(f"{len(records)} predictions written to {out_file}" + (f", {len(failed)} images skipped" if failed else ""), err=True)
+
+
+def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(records, indent=2))
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        width = max((len(r["top"]) for r in records), default=top_k)
+        writer.writerow(["path", "label", *[f"{kind}{i + 1}" for i in range(width) for kind in ("class", "probability")]])
+        for r in records:
+            writer.writerow([r["path"], r["label"], *[v for t in r["top"] for v in (t["class"], t["probability"])]])
+
+
 @cli.command("example-data")
 @click.argument("name", type=click.Choice(sorted(EXAMPLES)))
 @click.argument("dest", type=click.Path(file_okay=False))
