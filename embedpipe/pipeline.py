@@ -286,7 +286,7 @@ def _compute(
                 row, reason = batch.errors[0]
                 raise ImageDecodeError(f"{paths[row]}: {reason}: fix or remove the file, or pass --on-error skip")
             for row, reason in batch.errors:
-                logger.warning("skipped %s: %s", paths[row], reason)
+                logger.info("skipped %s: %s", paths[row], reason)
             if written % COMPACT_SHARDS == 0:
                 store.compact()
     seconds = time.perf_counter() - started
