@@ -40,3 +40,13 @@ class ImageDecodeError(EmbedpipeError):
     """One image could not be decoded (and ``on_error='fail'`` was asked for)."""
 
     exit_code = 5
+
+
+class HeadError(EmbedpipeError, ValueError):
+    """A head cannot be fitted or restored: too few examples per class, a foreign state.
+
+    Also a :class:`ValueError`, because scikit-learn's estimator contract (and its
+    ``check_estimator``) expects invalid training data to raise one.
+    """
+
+    exit_code = 6
