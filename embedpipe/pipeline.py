@@ -463,6 +463,13 @@ class FitResult:
         }
 
 
+# Heads whose fit ends with a refit on train + val -> their chosen hyper-parameter, fixed.
+_REFIT_ON_VAL: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "logreg": lambda head: {"Cs": [head.C_]},
+    "knn": lambda head: {"k": head.k_},
+}
+
+
 def few_shot_indices(labels: np.ndarray, shots: int, *, seed: int) -> np.ndarray:
     """``shots`` examples per class (all of a smaller class), chosen by ``seed``; sorted row indices."""
     rng = np.random.default_rng(seed)
@@ -498,6 +505,8 @@ def fit_head(
     """
     from .errors import HeadError
     from .evaluate import classification_metrics, diagnose
+    from sklearn.base import clone
+
     from .headfile import save_head
     from .heads import HEADS
 
@@ -530,7 +539,12 @@ def fit_head(
     metrics = {}
     for name, rows in (("train", train), ("val", val), ("test", parts["test"])):
         if len(rows):
-            metrics[name] = classification_metrics(names[rows], head.predict_proba(X[rows]), head.classes_)
+            scorer = head
+            if name == "val" and kind in _REFIT_ON_VAL:
+                # This head refits on train + val, so it has seen val: score val with the same
+                # hyper-parameter fitted on train alone.
+                scorer = clone(head).set_params(**_REFIT_ON_VAL[kind](head)).fit(X[train], names[train])
+            metrics[name] = classification_metrics(names[rows], scorer.predict_proba(X[rows]), head.classes_)
     reference = metrics.get("val") or metrics.get("test") or metrics["train"]
     diagnosis = diagnose(metrics["train"]["accuracy"], reference["accuracy"], chance=1 / len(head.classes_))
     result = FitResult(
