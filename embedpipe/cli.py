@@ -69,7 +69,7 @@ def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Cache folder for embeddings."),
         click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="Compute precision: auto is bf16 on CUDA, fp32 on CPU."),
+                     help="Compute precision: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."),
         click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
                      help="Storage dtype of the embeddings."),
         click.option("--output", "outputs", multiple=True, default=("embedding",), show_default=True,

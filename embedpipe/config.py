@@ -132,7 +132,7 @@ class BackboneSpec:
     weights: str | None = None  # a local .safetensors/.pth file instead of the default weights
     pretrained: bool = True  # False: seeded random weights (tests)
     outputs: tuple[str, ...] = (OUTPUT_EMBEDDING,)
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     dtype: str = "float16"
     preprocess: dict[str, Any] = field(default_factory=dict)  # PreprocessConfig overrides
 

@@ -58,8 +58,10 @@ def tree_copy(image_tree: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def spec() -> BackboneSpec:
-    """test_resnet, random weights, 64 px, float32 storage so values compare exactly."""
-    return BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, dtype="float32")
+    """test_resnet, random weights, 64 px, fp32 compute and storage so values compare with timm's forward."""
+    return BackboneSpec(
+        name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32"
+    )
 
 
 @pytest.fixture

@@ -113,3 +113,19 @@ def test_example_dataset_from_pypi_is_a_labelled_manifest(tmp_path: Path) -> Non
     assert dataset.name == "elpv" and {r.split for r in dataset.records} == {"train", "val", "test"}
     with Image.open(dataset.records[0].path) as image:
         assert image.size == (300, 300)
+
+
+def test_bf16_embeddings_stay_close_to_fp32_on_real_weights(tmp_path: Path) -> None:
+    """bf16 is the CPU default only where it keeps cosine >= 0.99 of fp32 (real photos, real weights)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in EXPECTED:
+        Image.fromarray(_photo(name)).save(photos / f"{name}.png")
+    run = embedpipe.RunConfig(num_workers=0)
+    files = {
+        precision: embedpipe.extract(photos, embedpipe.BackboneSpec(precision=precision, dtype="float32"), cache_dir=tmp_path, run=run).path
+        for precision in ("fp32", "bf16")
+    }
+    a, b = embedpipe.load(files["fp32"])[0], embedpipe.load(files["bf16"])[0]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() >= 0.99, cosine
