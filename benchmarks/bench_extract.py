@@ -1,0 +1,916 @@
+"""How close embedpipe's extraction comes to its limits, as ratios measured side by side.
+
+Every variant runs once per repetition, in alternating order (A B C ... then
+... C B A), compared variants next to each other, on one synthetic JPEG
+dataset, in one process; a summary ratio is the median of the per-repetition
+ratios, so slow drift on a noisy machine cancels out. Measurements and goals:
+
+1. loop overhead: embedpipe's own loop (``inference.embed()`` fed pre-decoded
+   uint8 images, workers=0) vs a bare timm forward over pre-made normalised
+   batches (>= 0.95).
+2. end to end: the embedding stage of ``embedpipe.extract()``
+   (``ExtractResult.images_per_second``) vs its limit ``1 / (1/forward +
+   1/decode)`` on CPU, ``min(forward, decode)`` on a GPU, where decode is
+   ``inference.ImageFiles`` through a DataLoader built as embed() builds it (>= 0.90).
+3. cache writes: ``pipeline._compute`` (the embedding loop, one
+   ``Store.write_shard`` per batch) vs the same loop with writes discarded (>= 0.98).
+4. cache hit: a second ``extract()`` on the same data and cache vs the first (<= 0.02).
+5. incremental: ``extract()`` after adding 1% new images vs the first (<= 0.03).
+
+Every variant computes in the precision ``--precision`` resolves to (auto:
+as embedpipe resolves it for the device), the bare loop under the same
+autocast. Extra rows: bf16 autocast vs fp32 (speed, and cosine of the
+embeddings: bf16 is fit for a CPU default only at min cosine >= 0.99 and a
+speed-up), channels_last on vs off, and glibc malloc defaults vs raised
+mmap/trim thresholds (the bare forward in fresh child processes, since mallopt
+cannot be undone in-process).
+
+The pre-decoded, cache-write and malloc variants run on the first
+``--forward-images`` images (128), the extract() calls on all ``--images``.
+A sample counts as clean when other processes kept at most ``--max-contention``
+cores busy while it ran (read from /proc/stat); summaries use the clean
+repetitions when there are any, and the table says how many there were.
+
+Output: a table on stdout and a JSON list of flat records (one per sample, one
+per summary row, one per diagnostic) in benchmarks/results/, named after the
+machine; every record carries the machine, torch threads, workers, batch size
+and precision. A failing variant becomes a record with its error and the run
+goes on.
+
+Example::
+
+    python benchmarks/bench_extract.py                      # about 4 minutes on 2 quiet cores
+    python benchmarks/bench_extract.py --malloc-tuned       # the same with the proposed allocator fix
+    python benchmarks/bench_extract.py --backbone test_efficientnet --no-pretrained --images 64 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+import embedpipe  # noqa: E402
+from embedpipe import BackboneSpec, RunConfig  # noqa: E402
+from embedpipe._compat import ensure_torchvision_importable  # noqa: E402
+
+ensure_torchvision_importable()
+
+import torch  # noqa: E402
+
+from embedpipe import inference, pipeline  # noqa: E402
+from embedpipe.backbone import load_backbone, resolve_device  # noqa: E402
+from embedpipe.cache import Store  # noqa: E402
+from embedpipe.preprocess import normalize  # noqa: E402
+
+# Goals: (comparison, bound). ">=" for speed ratios, "<=" for time ratios.
+GOALS = {
+    "loop_overhead": (">=", 0.95),
+    "end_to_end": (">=", 0.90),
+    "cache_writes": (">=", 0.98),
+    "cache_hit": ("<=", 0.02),
+    "incremental": ("<=", 0.03),
+    "bf16_cosine": (">=", 0.99),  # min cosine to fp32 for bf16 to be a CPU default
+}
+NEW_FRACTION = 0.01  # share of new images in the incremental extraction
+IMAGE_SIZE = (500, 375)  # a typical web photo (ImageNet's median is about 500x375)
+JPEG_QUALITY = 90
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """CPU model, cores, library versions and git state: what a results file must name."""
+    cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = found[1].strip() if found else cpu
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(found[1].split()) if found else set()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else ""
+    commit, dirty = "", None
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "embedpipe"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = bool(status.stdout.strip())
+    import timm
+
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "cpu_amx": "amx_tile" in flags,
+        "gpu": gpu,
+        "device": device,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "embedpipe": embedpipe.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": commit,
+        "embedpipe_dirty": dirty,
+    }
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """``cpu-amd-epyc-2c``: the part of a results file name that says where it ran."""
+    name = info["gpu"] or info["cpu"]
+    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+    return f"{'gpu' if info['gpu'] else 'cpu'}-{slug}-{info['cores']}c"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def photo(seed: int, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
+    """A photo-like RGB image: smooth colour field, a few shapes, slight blur, sensor noise.
+
+    At quality 90 these are about 45 KB, as web photos of that size are; pure
+    noise would be 3-4x larger and slower to decode than any real photo.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = size
+    image = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pen = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 9))):
+        x, y, s = int(rng.integers(-50, w)), int(rng.integers(-50, h)), int(rng.integers(20, 200))
+        box = (x, y, x + s, y + int(s * rng.uniform(0.5, 1.5)))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (pen.ellipse if rng.random() < 0.5 else pen.rectangle)(box, fill=fill)
+    image = image.filter(ImageFilter.GaussianBlur(1.0))
+    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def make_images(folder: Path, count: int, *, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img_{i:06d}.jpg"
+        photo(i).save(path, quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths
+
+
+def sha256_hex(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@contextlib.contextmanager
+def in_memory_images(images: torch.Tensor) -> Iterator[None]:
+    """Make ``embed()`` read pre-decoded uint8 images instead of decoding files (its loop runs unchanged)."""
+
+    class Decoded(torch.utils.data.Dataset):
+        def __init__(self, paths: Any, config: Any) -> None:
+            self.n = len(paths)
+
+        def __len__(self) -> int:
+            return self.n
+
+        def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+            return index, images[index], ""
+
+    original = inference.ImageFiles
+    inference.ImageFiles = Decoded
+    try:
+        yield
+    finally:
+        inference.ImageFiles = original
+
+
+class ContentionMeter:
+    """How many cores other processes kept busy while a sample ran (from /proc/stat, Linux only).
+
+    The benchmark's own CPU time, its DataLoader workers' included, is taken
+    out; what is left is load from elsewhere that slowed the sample down.
+    """
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.busy = self._busy()
+        self.own = self._own()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+    def other_cores_busy(self) -> float | None:
+        busy = self._busy()
+        if busy is None or self.busy is None:
+            return None
+        wall = time.perf_counter() - self.wall
+        return max(0.0, (busy - self.busy) - (self._own() - self.own)) / wall if wall > 0 else None
+
+
+class TimedStore(Store):
+    """A Store that adds up the time spent in ``write_shard``."""
+
+    write_seconds = 0.0
+    shards_written = 0
+
+    def write_shard(self, digests: Any, outputs: Any, errors: Any = ()) -> Any:
+        started = time.perf_counter()
+        try:
+            return super().write_shard(digests, outputs, errors)
+        finally:
+            self.write_seconds += time.perf_counter() - started
+            self.shards_written += 1
+
+
+class DiscardStore(Store):
+    """A Store whose writes go nowhere: the same loop, without the cache."""
+
+    def write_shard(self, digests: Any, outputs: Any, errors: Any = ()) -> Any:
+        return None
+
+
+class Bench:
+    """Holds the dataset, the models and the records of one benchmark run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = resolve_device(args.device)
+        preprocess = {"input_size": args.input_size} if args.input_size else {}
+        self.spec = BackboneSpec(name=args.backbone, pretrained=not args.no_pretrained, precision=args.precision, preprocess=preprocess)
+        self.config = pipeline.resolve(self.spec, self.device)
+        # The bf16 rows compare the resolved precision with the other one of fp32/bf16.
+        self.other_precision = "bf16" if self.config.precision == "fp32" else "fp32"
+        self.workers = inference.default_workers(self.device) if args.workers is None else args.workers
+        self.run_cfg = RunConfig(device=self.device, batch_size=args.batch_size, num_workers=self.workers)
+        self.info = machine_info(self.device)
+        self.common = {
+            "bench": "extract",
+            **self.info,
+            "backbone": args.backbone,
+            "pretrained": not args.no_pretrained,
+            "input_size": "x".join(map(str, self.config.preprocess.input_size)),
+            "images": args.images,
+            "forward_images": min(args.images, args.forward_images),
+            "batch_size": args.batch_size,
+            "workers": self.workers,
+            "precision": self.config.precision,
+            "channels_last": self.run_cfg.channels_last,
+            "repeats": args.repeats,
+        }
+        self.records: list[dict[str, Any]] = []
+        self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.embeddings: dict[str, np.ndarray] = {}
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self, workdir: Path) -> None:
+        args = self.args
+        self.workdir = workdir
+        self.data = workdir / "photos"
+        self.extra = workdir / "new-photos"  # moved into the dataset for the incremental run
+        started = time.perf_counter()
+        self.paths = make_images(self.data, args.images)
+        n_new = max(1, math.ceil(args.images * NEW_FRACTION))
+        self.new_paths = make_images(self.extra, n_new, start=args.images)
+        self.diag("dataset_seconds", time.perf_counter() - started, "s", mean_jpeg_bytes=float(np.mean([p.stat().st_size for p in self.paths])))
+        self.todo = {sha256_hex(p).encode(): p for p in self.paths}
+
+        # Pre-decoded uint8 images, and the bare loop's pre-normalised batches.
+        files = inference.ImageFiles(self.paths, self.config)
+        self.decoded = torch.stack([files[i][1] for i in range(min(len(files), args.forward_images))])
+        memory_format = torch.channels_last if self.run_cfg.channels_last else torch.contiguous_format
+        self.bare_batches = [
+            normalize(self.decoded[s : s + args.batch_size], self.config.preprocess).contiguous(memory_format=memory_format)
+            for s in range(0, len(self.decoded), args.batch_size)
+        ]
+
+        started = time.perf_counter()
+        base = load_backbone(self.spec.name, weights=self.spec.weights, pretrained=self.spec.pretrained)
+        self.diag("load_backbone_seconds", time.perf_counter() - started, "s")
+        self.model = inference.prepare_model(base, self.device, self.run_cfg)
+        contiguous = load_backbone(self.spec.name, weights=self.spec.weights, pretrained=self.spec.pretrained)
+        self.model_contiguous = inference.prepare_model(contiguous, self.device, replace(self.run_cfg, channels_last=False))
+
+        # Warm up every path once on one batch: oneDNN primitives for the batch shape
+        # (the bare loop shares the fp32 model's), worker start, h5py, sqlite.
+        small = self.decoded[: min(len(self.decoded), args.batch_size)]
+        with in_memory_images(small):
+            for model, config, channels_last in self._predecoded_variants().values():
+                run = replace(self.run_cfg, num_workers=0, channels_last=channels_last)
+                for _ in inference.embed(model, [""] * len(small), config, device=self.device, run=run):
+                    pass
+        warm = workdir / "warm" / "photos"
+        for p in self.paths[: min(8, len(self.paths))]:
+            warm.parent.mkdir(parents=True, exist_ok=True)
+            warm.mkdir(exist_ok=True)
+            shutil.copy(p, warm / p.name)
+        embedpipe.extract(warm, self.spec, cache_dir=workdir / "warm" / "cache", run=self.run_cfg)
+        shutil.rmtree(workdir / "warm")
+
+    def _predecoded_variants(self) -> dict[str, tuple[torch.nn.Module, Any, bool]]:
+        return {
+            "embed_predecoded": (self.model, self.config, True),
+            f"embed_predecoded_{self.other_precision}": (self.model, replace(self.config, precision=self.other_precision), True),
+            "embed_predecoded_contiguous": (self.model_contiguous, self.config, False),
+        }
+
+    # ----------------------------------------------------------------- records
+
+    def record(self, measurement: str, variant: str, **values: Any) -> dict[str, Any]:
+        row = {**self.common, "measurement": measurement, "variant": variant, "error": None, **values}
+        self.records.append(row)
+        return row
+
+    def diag(self, variant: str, value: float, unit: str, **extra: Any) -> None:
+        self.record("diagnostic", variant, value=value, unit=unit, **extra)
+
+    def try_run(self, measurement: str, variant: str, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
+        """Run one sample; a failure becomes a record with its error and the benchmark goes on."""
+        gc.collect()
+        meter = ContentionMeter()
+        try:
+            values = fn()
+        except Exception as error:  # noqa: BLE001 - any failure is a result to record
+            failed = self.record(measurement, variant, rep=rep, error=f"{type(error).__name__}: {error}")
+            traceback.print_exc()
+            self.samples.setdefault(variant, []).append(failed)
+            return
+        values["other_cores_busy"] = meter.other_cores_busy()
+        self.samples.setdefault(variant, []).append(self.record(measurement, variant, rep=rep, **values))
+
+    # ----------------------------------------------------------------- the variants
+
+    def bare_forward(self) -> dict[str, Any]:
+        model = self.model
+        started = time.perf_counter()
+        with torch.inference_mode(), autocast(self.device, self.config.precision):
+            for x in self.bare_batches:
+                model.forward_head(model.forward_features(x), pre_logits=True)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "images_per_second": len(self.decoded) / seconds}
+
+    def predecoded(self, variant: str) -> dict[str, Any]:
+        model, config, channels_last = self._predecoded_variants()[variant]
+        run = replace(self.run_cfg, num_workers=0, channels_last=channels_last)  # nothing to decode: no workers
+        parts = []
+        started = time.perf_counter()
+        with in_memory_images(self.decoded):
+            for batch in inference.embed(model, [""] * len(self.decoded), config, device=self.device, run=run):
+                parts.append(batch.outputs["embedding"])
+        seconds = time.perf_counter() - started
+        self.embeddings[variant] = np.concatenate(parts)
+        return {"seconds": seconds, "images_per_second": len(self.decoded) / seconds, "precision": config.precision, "channels_last": channels_last}
+
+    def decode_only(self) -> dict[str, Any]:
+        """ImageFiles through a DataLoader built as embed() builds it, outputs discarded."""
+        workers = min(self.workers, max(0, math.ceil(len(self.paths) / self.args.batch_size)))
+        started = time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            inference.ImageFiles(self.paths, self.config),
+            batch_size=self.args.batch_size,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=False,
+            prefetch_factor=4 if workers else None,
+        )
+        count = sum(len(rows) for rows, _, _ in loader)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "images_per_second": count / seconds}
+
+    def compute(self, *, writes: bool, rep: int) -> dict[str, Any]:
+        cache = self.workdir / "caches" / f"compute-{rep}-{writes}"
+        store = (TimedStore if writes else DiscardStore)(cache, self.config)
+        store.create()
+        try:
+            todo = dict(list(self.todo.items())[: self.args.forward_images])
+            seconds, computed = pipeline._compute(store, todo, self.spec, self.config, self.device, self.run_cfg, pipeline._no_progress)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        extra = {"write_seconds": store.write_seconds, "shards": store.shards_written} if writes else {}
+        return {"seconds": seconds, "images_per_second": computed / seconds, **extra}
+
+    def allocator_child(self, malloc: str) -> dict[str, Any]:
+        """The bare forward in a fresh process, with glibc's malloc defaults or tuned (see tune_glibc_malloc)."""
+        a = self.args
+        command = [sys.executable, __file__, "--allocator-child", malloc, "--backbone", a.backbone, "--batch-size", str(a.batch_size)]
+        command += ["--forward-images", str(len(self.decoded))] + (["--no-pretrained"] if a.no_pretrained else [])
+        command += ["--input-size", str(a.input_size)] if a.input_size else []
+        command += ["--precision", self.config.precision, "--device", self.device]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def extract_chain(self, rep: int) -> None:
+        """First extraction into a fresh cache, then a cache hit, then +1% new images."""
+        cache = self.workdir / "caches" / f"extract-{rep}"
+        moved: list[Path] = []
+        try:
+
+            def call(variant: str) -> Callable[[], dict[str, Any]]:
+                def fn() -> dict[str, Any]:
+                    started = time.perf_counter()
+                    result = embedpipe.extract(self.data, self.spec, cache_dir=cache, run=self.run_cfg)
+                    wall = time.perf_counter() - started
+                    return {
+                        "seconds": wall,
+                        "images_per_second": result.images_per_second,
+                        "result_seconds": result.seconds,
+                        "computed": result.computed,
+                        "reused": result.reused,
+                        "cache_hit": result.cache_hit,
+                    }
+
+                return fn
+
+            self.try_run("end_to_end", "extract_first", rep, call("extract_first"))
+            self.try_run("cache_hit", "extract_hit", rep, call("extract_hit"))
+            for path in self.new_paths:
+                path.rename(self.data / path.name)
+                moved.append(path)
+            self.try_run("incremental", "extract_incremental", rep, call("extract_incremental"))
+        finally:
+            for path in moved:
+                (self.data / path.name).rename(path)
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def units(self, rep: int) -> list[Callable[[], None]]:
+        # Variants that are compared sit next to each other, so a pair runs close in time.
+        return [
+            lambda: self.try_run("bf16", f"embed_predecoded_{self.other_precision}", rep, lambda: self.predecoded(f"embed_predecoded_{self.other_precision}")),
+            lambda: self.try_run("channels_last", "embed_predecoded_contiguous", rep, lambda: self.predecoded("embed_predecoded_contiguous")),
+            # A B B A here too: a pair's order alone moved its ratio by up to 10%.
+            lambda: self.try_run("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
+            lambda: self.try_run("loop_overhead", "bare_forward", rep, self.bare_forward),
+            lambda: self.try_run("loop_overhead", "bare_forward", rep, self.bare_forward),
+            lambda: self.try_run("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
+            lambda: self.try_run("end_to_end", "decode_only", rep, self.decode_only),
+            lambda: self.extract_chain(rep),
+            # A B B A: the second of two back-to-back _compute runs is often slower, whichever it is.
+            lambda: self.try_run("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
+            lambda: self.try_run("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
+            lambda: self.try_run("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
+            lambda: self.try_run("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
+            lambda: self.try_run("allocator", "child_forward_glibc_default", rep, lambda: self.allocator_child("default")),
+            lambda: self.try_run("allocator", "child_forward_malloc_tuned", rep, lambda: self.allocator_child("tuned")),
+        ][: None if self.args.allocator else -2]
+
+    def wait_for_quiet(self) -> None:
+        """Before a unit, wait (within --max-wait seconds in all) until other processes leave the cores alone."""
+        while self.waited < self.args.max_wait:
+            meter = ContentionMeter()
+            time.sleep(0.5)
+            busy = meter.other_cores_busy()
+            self.waited += 0.5
+            if busy is None or busy <= self.args.max_contention:
+                return
+            time.sleep(1.0)
+            self.waited += 1.0
+
+    def run(self) -> None:
+        self.waited = 0.0
+        for rep in range(self.args.repeats):
+            units = self.units(rep)
+            started = time.perf_counter()
+            for unit in units if rep % 2 == 0 else reversed(units):
+                self.wait_for_quiet()
+                unit()
+            print(f"  repetition {rep + 1}/{self.args.repeats}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+            if f"embed_predecoded_{self.other_precision}" in self.embeddings and "embed_predecoded" in self.embeddings:
+                self.cosines = cosine_rows(self.embeddings[f"embed_predecoded_{self.other_precision}"], self.embeddings["embed_predecoded"])
+            if "embed_predecoded_contiguous" in self.embeddings and "embed_predecoded" in self.embeddings:
+                self.cosines_cl = cosine_rows(self.embeddings["embed_predecoded_contiguous"], self.embeddings["embed_predecoded"])
+        self.diag("waited_for_quiet_seconds", self.waited, "s")
+        self.wait_for_quiet()
+        self.breakdown()
+
+    def breakdown(self) -> None:
+        """Per-batch cost of what embed() does besides the forward, for diagnosing loop overhead."""
+        batch = self.decoded[: self.args.batch_size]
+        memory_format = torch.channels_last if self.run_cfg.channels_last else torch.contiguous_format
+
+        def per_call(fn: Callable[[], Any], n: int = 10) -> float:
+            times = []
+            for _ in range(n):
+                started = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - started)
+            return statistics.median(times)
+
+        collate = torch.utils.data.default_collate
+        items = [(i, batch[i], "") for i in range(len(batch))]
+        with torch.inference_mode():
+            self.diag("per_batch_collate_seconds", per_call(lambda: collate(items)), "s")
+            self.diag("per_batch_channels_last_seconds", per_call(lambda: batch.contiguous(memory_format=memory_format)), "s")
+            x = batch.contiguous(memory_format=memory_format)
+            self.diag("per_batch_normalize_seconds", per_call(lambda: normalize(x, self.config.preprocess)), "s")
+            x = self.bare_batches[0]
+            with autocast(self.device, self.config.precision):
+                forward = per_call(lambda: self.model.forward_head(self.model.forward_features(x), pre_logits=True), 3)
+            self.diag("per_batch_forward_seconds", forward, "s")
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast embed() runs under for a precision (none for fp32)."""
+    dtype = inference._AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def med(values: Any) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(values) if values else None
+
+
+class Selection:
+    """Samples of some variants grouped by repetition, preferring repetitions no other process disturbed.
+
+    Within a repetition, variants that ran equally often (A B B A) are paired
+    in run order; otherwise each variant's samples in that repetition are
+    merged (median). A group is clean when, in each of its samples, other
+    processes kept at most ``max_contention`` cores busy; when no group is
+    clean, all complete ones are used and the table says so.
+    """
+
+    def __init__(self, bench: Bench, *variants: str) -> None:
+        complete: list[dict[str, dict[str, Any]]] = []
+        for rep in range(bench.args.repeats):
+            runs = {v: [x for x in bench.samples.get(v, []) if x.get("rep") == rep and x.get("error") is None] for v in variants}
+            if not variants or not all(runs.values()):
+                continue
+            counts = {len(r) for r in runs.values()}
+            if len(counts) == 1:
+                complete += [{v: runs[v][k] for v in variants} for k in range(counts.pop())]
+            else:
+                complete.append({v: merge(r) for v, r in runs.items()})
+        clean = [
+            group for group in complete
+            if all((x.get("other_cores_busy") or 0.0) <= bench.args.max_contention for x in group.values())
+        ]
+        self.reps = clean or complete
+        self.clean, self.complete = len(clean), len(complete)
+
+    def median(self, fn: Callable[[dict[str, dict[str, Any]]], float | None]) -> float | None:
+        return med(fn(group) for group in self.reps)
+
+    def value(self, variant: str, key: str) -> float | None:
+        return med(group[variant].get(key) for group in self.reps)
+
+    def label(self) -> str:
+        return f"{self.clean}/{self.complete}"
+
+
+def merge(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One sample standing for several of a variant: median numbers, worst contention."""
+    merged = dict(samples[0])
+    for key, value in merged.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "rep":
+            merged[key] = med(x.get(key) for x in samples)
+    merged["other_cores_busy"] = max((x.get("other_cores_busy") or 0.0) for x in samples)
+    return merged
+
+
+def passes(measurement: str, ratio: float | None) -> bool | None:
+    if ratio is None or measurement not in GOALS:
+        return None
+    op, bound = GOALS[measurement]
+    return ratio >= bound if op == ">=" else ratio <= bound
+
+
+def summarize(bench: Bench) -> list[list[str]]:
+    """Summary records (appended to bench.records) and the rows of the printed table.
+
+    Columns: section, variant, value (median images/s or seconds), ratio (median
+    of the per-repetition ratios), goal, result, and how many repetitions were
+    clean out of those that completed.
+    """
+    rows: list[list[str]] = []
+    cpu = bench.device == "cpu"
+
+    def fmt(value: float | None, unit: str) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.1f} img/s" if unit == "ips" else f"{value:.3f} s"
+
+    def row(section: str, text: str, value: str, measurement: str = "", name: str = "", ratio: float | None = None,
+            sel: Selection | None = None, description: str = "", **extra: Any) -> None:
+        goal = GOALS.get(measurement)
+        ok = passes(measurement, ratio)
+        if name:
+            bench.record(
+                measurement,
+                "summary:" + name,
+                ratio=ratio,
+                goal=f"{goal[0]} {goal[1]}" if goal else None,
+                passed=ok,
+                description=description,
+                reps_clean=sel.clean if sel else None,
+                reps_complete=sel.complete if sel else None,
+                **extra,
+            )
+        rows.append([
+            section,
+            text,
+            value,
+            "" if not name else ("n/a" if ratio is None else f"{ratio:.3f}"),
+            f"{goal[0]} {goal[1]}" if goal and name else "",
+            "" if ok is None else ("PASS" if ok else "FAIL"),
+            sel.label() if sel else "",
+        ])
+
+    def ips_ratio(a: str, b: str) -> Callable[[dict[str, dict[str, Any]]], float]:
+        return lambda g: g[a]["images_per_second"] / g[b]["images_per_second"]
+
+    def limit(g: dict[str, dict[str, Any]]) -> float:
+        fwd, dec = g["bare_forward"]["images_per_second"], g["decode_only"]["images_per_second"]
+        return 1 / (1 / fwd + 1 / dec) if cpu else min(fwd, dec)
+
+    # 1. loop overhead
+    sel = Selection(bench, "embed_predecoded", "bare_forward")
+    row("1 loop", "bare timm forward, pre-normalised batches", fmt(sel.value("bare_forward", "images_per_second"), "ips"), sel=sel)
+    row("1 loop", "embed() fed pre-decoded uint8 images", fmt(sel.value("embed_predecoded", "images_per_second"), "ips"),
+        "loop_overhead", "embed_vs_bare", sel.median(ips_ratio("embed_predecoded", "bare_forward")), sel,
+        "embed() on pre-decoded images / bare timm forward, images/s")
+
+    # 2. end to end
+    sel = Selection(bench, "extract_first", "bare_forward", "decode_only")
+    form = "1/(1/fwd+1/dec)" if cpu else "min(fwd, dec)"
+    lim = sel.median(limit)
+    row("2 e2e", f"decode+transform only, {bench.workers} worker(s)", fmt(sel.value("decode_only", "images_per_second"), "ips"), sel=sel)
+    row("2 e2e", f"limit {form}", fmt(lim, "ips"), sel=sel)
+    row("2 e2e", "extract(): embedding stage", fmt(sel.value("extract_first", "images_per_second"), "ips"),
+        "end_to_end", "extract_vs_limit", sel.median(lambda g: g["extract_first"]["images_per_second"] / limit(g)), sel,
+        f"extract() images_per_second / {form}", limit_images_per_second=lim)
+    row("2 e2e", "extract(): whole call, fresh cache", fmt(sel.value("extract_first", "seconds"), "s"), sel=sel)
+
+    # 3. cache writes
+    sel = Selection(bench, "compute_writes", "compute_discard")
+    share = sel.median(lambda g: g["compute_writes"]["write_seconds"] / g["compute_writes"]["seconds"])
+    row("3 writes", "embedding loop, outputs discarded", fmt(sel.value("compute_discard", "images_per_second"), "ips"), sel=sel)
+    row("3 writes", "embedding loop + write_shard per batch", fmt(sel.value("compute_writes", "images_per_second"), "ips"),
+        "cache_writes", "writes_vs_discard", sel.median(ips_ratio("compute_writes", "compute_discard")), sel,
+        "_compute with shard writes / without, images/s", write_time_share=share)
+    row("3 writes", "  time inside write_shard / loop time", "n/a" if share is None else f"{100 * share:.2f} %", sel=sel)
+
+    # 4. cache hit
+    sel = Selection(bench, "extract_hit", "extract_first")
+    row("4 hit", "extract() first, fresh cache", fmt(sel.value("extract_first", "seconds"), "s"), sel=sel)
+    row("4 hit", "extract() again, cache hit", fmt(sel.value("extract_hit", "seconds"), "s"),
+        "cache_hit", "hit_vs_first", sel.median(lambda g: g["extract_hit"]["seconds"] / g["extract_first"]["seconds"]), sel,
+        "wall time of a cache hit / first extraction")
+
+    # 5. incremental, and what it pays whatever its size
+    sel = Selection(bench, "extract_incremental", "extract_first")
+    n_new, n = len(bench.new_paths), bench.args.images
+    row("5 incr", f"extract() after adding {n_new} new images ({100 * NEW_FRACTION:.0f}%)", fmt(sel.value("extract_incremental", "seconds"), "s"),
+        "incremental", "incremental_vs_first", sel.median(lambda g: g["extract_incremental"]["seconds"] / g["extract_first"]["seconds"]), sel,
+        "wall time with 1% new images / first extraction", new_images=n_new)
+    rate = sel.value("extract_first", "images_per_second")
+    if rate:
+        f0 = sel.median(lambda g: g["extract_first"]["seconds"] - n / g["extract_first"]["images_per_second"])
+        f1 = sel.median(lambda g: g["extract_incremental"]["seconds"] - n_new / g["extract_first"]["images_per_second"])
+        goal = GOALS["incremental"][1]
+        # f1 + NEW_FRACTION * N / rate <= goal * (f0 + N / rate)  <=>  N >= rate * (f1 - goal * f0) / (goal - NEW_FRACTION)
+        break_even = max(0.0, rate * (f1 - goal * f0) / (goal - NEW_FRACTION)) if f0 is not None and f1 is not None else None
+        row("5 incr", "  fixed cost of a call, beyond its images", fmt(f1, "s"), "incremental_fixed", "fixed_costs", None, sel,
+            "incremental wall minus its new images at the first run's rate; first run likewise",
+            first_fixed_seconds=f0, incremental_fixed_seconds=f1, break_even_images=break_even)
+        row("5 incr", "  dataset size from which the goal holds", "n/a" if break_even is None else f"~{break_even:.0f} img", sel=sel)
+
+    # bf16 and channels_last
+    bf16, fp32 = (
+        ("embed_predecoded", "embed_predecoded_fp32") if bench.other_precision == "fp32" else ("embed_predecoded_bf16", "embed_predecoded")
+    )
+    sel = Selection(bench, bf16, fp32)
+    cos = getattr(bench, "cosines", None)
+    cmin, cmean = (float(cos.min()), float(cos.mean())) if cos is not None else (None, None)
+    row("bf16", "embed() pre-decoded, fp32", fmt(sel.value(fp32, "images_per_second"), "ips"), sel=sel)
+    row("bf16", "embed() pre-decoded, bf16 autocast", fmt(sel.value(bf16, "images_per_second"), "ips"),
+        "bf16_speed", "bf16_vs_fp32", sel.median(ips_ratio(bf16, fp32)), sel,
+        "bf16 / fp32 images/s, pre-decoded", cosine_min=cmin, cosine_mean=cmean)
+    row("bf16", "  cosine to fp32 embeddings, min (mean)", "n/a" if cmin is None else f"{cmin:.4f} ({cmean:.4f})",
+        "bf16_cosine", "bf16_cosine_min", cmin, None, "min over images of cosine(bf16, fp32)", cosine_mean=cmean)
+    sel = Selection(bench, "embed_predecoded", "embed_predecoded_contiguous")
+    cos = getattr(bench, "cosines_cl", None)
+    row("chan_last", "embed() pre-decoded, channels_last off", fmt(sel.value("embed_predecoded_contiguous", "images_per_second"), "ips"), sel=sel)
+    row("chan_last", "  speed-up of channels_last on", "", "channels_last", "on_vs_off",
+        sel.median(ips_ratio("embed_predecoded", "embed_predecoded_contiguous")), sel,
+        "channels_last on / off images/s, pre-decoded", cosine_min=None if cos is None else float(cos.min()))
+
+    # glibc malloc
+    sel = Selection(bench, "child_forward_malloc_tuned", "child_forward_glibc_default")
+    if sel.complete:
+        extra = {
+            f"{key}_{name}": sel.value(f"child_forward_{name}", key)
+            for key in ("sys_seconds", "minor_faults", "max_rss_mb")
+            for name in ("glibc_default", "malloc_tuned")
+        }
+        k = bench.common["forward_images"]
+        row("malloc", "bare forward, new process, glibc defaults", fmt(sel.value("child_forward_glibc_default", "images_per_second"), "ips"), sel=sel)
+        row("malloc", "bare forward, new process, mallopt tuned", fmt(sel.value("child_forward_malloc_tuned", "images_per_second"), "ips"),
+            "allocator", "tuned_vs_default", sel.median(ips_ratio("child_forward_malloc_tuned", "child_forward_glibc_default")), sel,
+            "bare forward images/s with M_MMAP_THRESHOLD and M_TRIM_THRESHOLD raised / glibc defaults", **extra)
+        row("malloc", "  minor page faults per image", f"{extra['minor_faults_glibc_default'] / k:.0f} -> {extra['minor_faults_malloc_tuned'] / k:.0f}", sel=sel)
+        row("malloc", "  kernel (sys) seconds per image", f"{extra['sys_seconds_glibc_default'] / k:.3f} -> {extra['sys_seconds_malloc_tuned'] / k:.3f}", sel=sel)
+        row("malloc", "  peak RSS (MB)", f"{extra['max_rss_mb_glibc_default']:.0f} -> {extra['max_rss_mb_malloc_tuned']:.0f}", sel=sel)
+    return rows
+
+
+def print_table(bench: Bench, rows: list[list[str]], total: float) -> str:
+    info = bench.info
+    lines = [
+        f"embedpipe extract benchmark: {bench.args.backbone} ({'pretrained' if not bench.args.no_pretrained else 'random'} weights), "
+        f"{bench.args.images} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} q{JPEG_QUALITY}, input {bench.common['input_size']}, "
+        f"{bench.args.repeats} repetitions, medians",
+        f"machine: {info['cpu']}, {info['cores']} cores{', ' + info['gpu'] if info['gpu'] else ''}; torch {info['torch']}, "
+        f"timm {info['timm']}, {info['torch_threads']} torch threads; device {bench.device}, batch {bench.args.batch_size}, "
+        f"workers {bench.workers}, precision {bench.config.precision}, channels_last {bench.run_cfg.channels_last}, "
+        f"glibc malloc {'tuned (--malloc-tuned)' if bench.common.get('malloc_tuned') else 'defaults'}; "
+        f"pre-decoded, cache-write and malloc variants on {bench.common['forward_images']} images",
+        "",
+    ]
+    header = ["#", "variant", "value", "ratio", "goal", "result", "clean reps"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    lines.append(fmt_row(header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(fmt_row(r) for r in rows)
+    busy = [r["other_cores_busy"] for r in bench.records if r.get("other_cores_busy") is not None]
+    if busy:
+        lines.append(
+            f"\nother processes kept {statistics.median(busy):.2f} cores busy during the median sample "
+            f"(max {max(busy):.2f})" + ("; rerun on a quiet machine" if statistics.median(busy) > 0.1 else "")
+        )
+    errors = [r for r in bench.records if r.get("error")]
+    if errors:
+        lines.append(f"\n{len(errors)} failed samples, e.g. {errors[0]['variant']}: {errors[0]['error']}")
+    lines.append(f"\ntotal runtime {total:.0f} s")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed activation buffers in the heap instead of returning them to the kernel.
+
+    glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB)
+    with fresh mmap()s and unmaps them on free, so every large activation of a
+    CPU forward pass is page-faulted and zeroed again, batch after batch. Raising
+    the mmap and trim thresholds makes freed buffers reusable; the cost is that
+    RSS stays at its peak. Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    limit = 2**31 - 1  # mallopt takes an int
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's from before exec)."""
+    with contextlib.suppress(OSError):
+        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(found[1]) / 1024 if found else None
+    return None
+
+
+def allocator_child(args: argparse.Namespace) -> int:
+    """``--allocator-child``: time the bare forward in this fresh process and print one JSON line."""
+    device = resolve_device(args.device)
+    preprocess = {"input_size": args.input_size} if args.input_size else {}
+    spec = BackboneSpec(name=args.backbone, pretrained=not args.no_pretrained, precision=args.precision, preprocess=preprocess)
+    config = pipeline.resolve(spec, device)
+    tuned = tune_glibc_malloc() if args.allocator_child == "tuned" else False
+    model = inference.prepare_model(load_backbone(spec.name, pretrained=spec.pretrained), device, RunConfig(device=device))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, *config.preprocess.input_size), dtype=torch.uint8, generator=generator)
+    x = normalize(images.contiguous(memory_format=torch.channels_last), config.preprocess)
+    batches = max(1, args.forward_images // args.batch_size)
+    with torch.inference_mode(), autocast(device, config.precision):
+        model.forward_head(model.forward_features(x), pre_logits=True)  # warm-up
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        for _ in range(batches):
+            model.forward_head(model.forward_features(x), pre_logits=True)
+        seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "images_per_second": batches * args.batch_size / seconds,
+                "child_malloc_tuned": tuned,
+                "sys_seconds": after.ru_stime - before.ru_stime,
+                "minor_faults": after.ru_minflt - before.ru_minflt,
+                "max_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (default: %(default)s)")
+    parser.add_argument("--no-pretrained", action="store_true", help="seeded random weights (quick runs, test_* models)")
+    parser.add_argument("--input-size", type=int, default=None, help="override the input size (e.g. 64 for test models)")
+    parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the dataset (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=RunConfig().batch_size)
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: embedpipe's default for the device)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="compute precision of every variant; auto resolves as embedpipe does (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/extract-<machine>.json)")
+    parser.add_argument("--workdir", default=None, help="where the dataset and caches go (default: a temporary folder)")
+    parser.add_argument("--max-contention", type=float, default=0.25, help="cores other processes may keep busy for a sample to count as clean (default: %(default)s)")
+    parser.add_argument("--max-wait", type=float, default=30.0, help="seconds in all to wait for other processes to go quiet before units (default: %(default)s)")
+    parser.add_argument("--forward-images", type=int, default=128, help="images per sample of the pre-decoded forward variants (default: %(default)s)")
+    parser.add_argument("--no-allocator", dest="allocator", action="store_false", help="skip the glibc malloc A/B (child processes)")
+    parser.add_argument("--malloc-tuned", action="store_true", help="raise glibc's mmap/trim thresholds in this process first (the proposed fix)")
+    parser.add_argument("--allocator-child", choices=("default", "tuned"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.allocator_child:
+        return allocator_child(args)
+    malloc_tuned = tune_glibc_malloc() if args.malloc_tuned else False
+
+    started = time.perf_counter()
+    bench = Bench(args)
+    bench.common["malloc_tuned"] = malloc_tuned
+    # Settings that change what runs name the file too, so runs of one machine sit side by side.
+    suffix = "".join(
+        [
+            f"-{args.precision}" if args.precision != "auto" else "",
+            f"-batch{args.batch_size}" if args.batch_size != RunConfig().batch_size else "",
+            f"-workers{args.workers}" if args.workers is not None else "",
+            "-malloc-tuned" if malloc_tuned else "",
+        ]
+    )
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"extract-{machine_slug(bench.info)}{suffix}.json"
+    with contextlib.ExitStack() as stack:
+        workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-extract-")))
+        print(f"setting up {args.images} images in {workdir} ...", file=sys.stderr, flush=True)
+        bench.setup(workdir)
+        print(f"  setup {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+        bench.run()
+    rows = summarize(bench)
+    total = time.perf_counter() - started
+    bench.diag("total_seconds", total, "s")
+    print_table(bench, rows, total)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(bench.records, indent=1, default=str) + "\n")
+    print(f"wrote {len(bench.records)} records to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
