@@ -264,38 +264,46 @@ class Bench:
         return row
 
     def try_run(self, measurement: str, variant: str, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
-        """Run one sample; a failure becomes a record with its error and the benchmark goes on."""
+        """Run one sample; a failure becomes a record with its error and the benchmark goes on.
+
+        A sample that other processes disturbed runs again, up to ``--retries`` times, right
+        away (so it stays next to the variants it is compared with); every attempt is
+        recorded, the disturbed ones with ``superseded: true``.
+        """
         key = (self.size_fields["size"], measurement, variant)
-        gc.collect()
-        self.wait_for_quiet()
-        meter = ContentionMeter()
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ConvergenceWarning)
-                values = fn()
-        except Exception as error:  # noqa: BLE001 - any failure is a result to record
-            self.record(measurement, variant, rep=rep, error=f"{type(error).__name__}: {error}")
-            traceback.print_exc()
-            self.samples.setdefault(key, []).append(None)
-            return
-        values["convergence_warnings"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-        values["other_cores_busy"] = meter.other_cores_busy()
-        row = self.record(measurement, variant, rep=rep, **values)
-        self.samples.setdefault(key, []).append(row)
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
-        print(f"  {self.size_fields['size']} {measurement} {variant} rep {rep}: {shown}", file=sys.stderr, flush=True)
+        for attempt in range(1 + self.args.retries):
+            gc.collect()
+            self.wait_for_quiet()
+            meter = ContentionMeter()
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", ConvergenceWarning)
+                    values = fn()
+            except Exception as error:  # noqa: BLE001 - any failure is a result to record
+                self.record(measurement, variant, rep=rep, error=f"{type(error).__name__}: {error}")
+                traceback.print_exc()
+                self.samples.setdefault(key, []).append(None)
+                return
+            values["convergence_warnings"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+            values["other_cores_busy"] = busy = meter.other_cores_busy()
+            final = busy is None or busy <= self.args.max_contention or attempt == self.args.retries
+            row = self.record(measurement, variant, rep=rep, attempt=attempt, superseded=not final, **values)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
+            where = f"{self.size_fields['size']} {measurement} {variant} rep {rep}"
+            print(f"  {where}: {shown}", file=sys.stderr, flush=True)
+            if final:
+                self.samples.setdefault(key, []).append(row)
+                return
 
     def wait_for_quiet(self) -> None:
-        """Before a sample, wait (within --max-wait seconds in all) until other processes leave the cores alone."""
-        while self.waited < self.args.max_wait:
+        """Before a sample, wait (within --max-wait seconds in all) for 2 s in a row of idle cores elsewhere."""
+        quiet = 0
+        while quiet < 2 and self.waited < self.args.max_wait:
             meter = ContentionMeter()
-            time.sleep(0.5)
-            busy = meter.other_cores_busy()
-            self.waited += 0.5
-            if busy is None or busy <= self.args.max_contention:
-                return
             time.sleep(1.0)
             self.waited += 1.0
+            busy = meter.other_cores_busy()
+            quiet = quiet + 1 if busy is None or busy <= self.args.max_contention else 0
 
     # ----------------------------------------------------------------- logistic regression
 
@@ -708,9 +716,9 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
                 passed=None if acc is None else abs(acc) <= ACCURACY_POINTS_TOL, sel=fit,
                 test_acc_sklearn=fit.value("sklearn", "test_acc"), test_acc_torch=fit.value("probe_torch", "test_acc"))
             # The stricter reading: scikit-learn at its fastest thread count and dtype (the --diagnose rows).
-            plain = [r for r in bench.records if r.get("size") == size and not r["error"] and (
-                (r["measurement"] == "fit" and r["variant"] == "sklearn")
-                or (r["measurement"] == "diag_fit" and r["variant"].startswith("sklearn_")))]
+            plain = [r for r in bench.records if r.get("size") == size and not r["error"] and not r.get("superseded")]
+            plain = [r for r in plain if (r["measurement"] == "fit" and r["variant"] == "sklearn")
+                     or (r["measurement"] == "diag_fit" and r["variant"].startswith("sklearn_"))]
             if any(r["measurement"] == "diag_fit" for r in plain):
                 by_variant: dict[str, list[float]] = {}
                 for r in plain:
@@ -770,17 +778,18 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
             row(size, f"{variant} fit + predict (acc {pct(sel.value(variant, 'test_acc'))}{extra}) / torch sweep",
                 f"{secs(sel.value(variant, 'fit_seconds'))} + {secs(sel.value(variant, 'predict_seconds'))}",
                 name=f"{measurement}_seconds_vs_torch_sweep", ratio=r, sel=sel, test_acc=sel.value(variant, "test_acc"))
-        for r in bench.records:
-            if r.get("size") == size and r["measurement"] == "diag_fresh" and not r["error"]:
+        final = [r for r in bench.records if r.get("size") == size and not r["error"] and not r.get("superseded")]
+        for r in final:
+            if r["measurement"] == "diag_fresh":
                 row(size, f"diag {r['variant']}: first - second fit (import {r['import_seconds']:.1f} s)",
                     f"{r['first_fit_seconds']:.2f} - {r['second_fit_seconds']:.2f} s")
-        diag = [r for r in bench.records if r.get("size") == size and r["measurement"] == "diag_fit" and not r["error"]]
+        diag = [r for r in final if r["measurement"] == "diag_fit"]
         for variant in dict.fromkeys(r["variant"] for r in diag):
             s = [r for r in diag if r["variant"] == variant]
             row(size, f"diag {variant} ({s[0]['n_iter']} it, obj {s[0]['objective']:.7f})",
                 secs(med(r["seconds"] for r in s)))
-        for r in bench.records:
-            if r.get("size") == size and r["measurement"] == "diag_eval" and not r["error"]:
+        for r in final:
+            if r["measurement"] == "diag_eval":
                 for lib, dtype in itertools.product(("torch", "sklearn"), ("float32", "float64")):
                     matmul = r[f"{lib}_{dtype}_matmul_ms" if lib == "torch" else f"numpy_{dtype}_matmul_ms"]
                     row(size, f"diag one loss+gradient, {lib} {dtype}, {r['diag_threads']} threads (of it: X @ W.T)",
@@ -807,11 +816,14 @@ def print_table(bench: Bench, rows: list[list[str]], total: float) -> str:
     lines.append(fmt_row(header))
     lines.append("  ".join("-" * w for w in widths))
     lines.extend(fmt_row(r) for r in rows)
-    busy = [r["other_cores_busy"] for r in bench.records if r.get("other_cores_busy") is not None]
+    final = [r for r in bench.records if not r.get("superseded")]
+    busy = [r["other_cores_busy"] for r in final if r.get("other_cores_busy") is not None]
+    retried = sum(bool(r.get("superseded")) for r in bench.records)
     if busy:
         lines.append(
             f"\nother processes kept {statistics.median(busy):.2f} cores busy during the median sample "
             f"(max {max(busy):.2f})" + ("; rerun on a quiet machine" if statistics.median(busy) > 0.1 else "")
+            + (f"; {retried} disturbed samples were run again (records with superseded: true)" if retried else "")
         )
     errors = [r for r in bench.records if r.get("error")]
     if errors:
@@ -853,6 +865,8 @@ def main(argv: list[str] | None = None) -> int:
         help="cores other processes may keep busy for a sample to count as clean (default: %(default)s)")
     add("--max-wait", type=float, default=300.0,
         help="seconds in all to wait for other processes to go quiet (default: %(default)s)")
+    add("--retries", type=int, default=1,
+        help="times a sample that other processes disturbed runs again (default: %(default)s)")
     args = parser.parse_args(argv)
     args.parts = set(args.parts.split(","))
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
