@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from scipy.special import expit, softmax
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 from sklearn.preprocessing import normalize as l2_normalize
 
 from ..errors import HeadError
@@ -160,10 +159,10 @@ class LogisticProbe(Head):
                 self.C_ = float(Cs[0])
                 if X_val is not None:  # nothing to choose: fit on everything
                     X, y = np.concatenate([X, X_val]), np.concatenate([y, y_val])
-            Z = self._fit_normalizer(X)
-            solver = self._solver(Z, y)
+            self._fit_normalizer(X)
+            solver = self._solver(X, y)
             if init is None:
-                init = _prior_start(y, len(self.classes_), Z.shape[1], self._class_weights(y))
+                init = _prior_start(y, len(self.classes_), X.shape[1], self._class_weights(y))
             self.coef_, self.intercept_, self.n_iter_ = solver.solve(self.C_, init)
         return self
 
@@ -178,10 +177,10 @@ class LogisticProbe(Head):
         Returns:
             ``(C, (coef, intercept))``: the best C and its solution, to warm-start the final refit.
         """
-        Z = self._fit_normalizer(X)
+        self._fit_normalizer(X)
         Z_val = self._transform(X_val)
-        solver = self._solver(Z, y)
-        state = _prior_start(y, len(self.classes_), Z.shape[1], self._class_weights(y))
+        solver = self._solver(X, y)
+        state = _prior_start(y, len(self.classes_), X.shape[1], self._class_weights(y))
         best, best_key = None, None
         for C in Cs:
             coef, intercept, n_iter = solver.solve(float(C), state)
@@ -195,18 +194,28 @@ class LogisticProbe(Head):
                 best, best_key = (float(C), state), (accuracy, -loss)
         return best
 
-    def _solver(self, Z: np.ndarray, y: np.ndarray) -> _TorchLBFGS | _SklearnLBFGS:
+    def _solver(self, X: np.ndarray, y: np.ndarray) -> _TorchLBFGS | _SklearnLBFGS:
+        """A solver over the normalised ``X``; the torch one normalises on its device, without numpy temporaries."""
         weights = self._class_weights(y)
         kwargs = dict(n_classes=len(self.classes_), class_weights=weights, max_iter=self.max_iter, tol=self.tol)
         if self.solver == "sklearn":
-            return _SklearnLBFGS(Z, y, **kwargs)
-        return _TorchLBFGS(Z, y, device=resolve_device(self.device), **kwargs)
-
-    def _fit_normalizer(self, X: np.ndarray) -> np.ndarray:
+            return _SklearnLBFGS(self._transform(X), y, **kwargs)
+        device = resolve_device(self.device)
+        Z = torch.as_tensor(X, device=device, dtype=torch.float32)
         if self.normalize == "standard":
-            scaler = StandardScaler().fit(X)
-            self.mean_, self.scale_ = scaler.mean_.astype(X.dtype), scaler.scale_.astype(X.dtype)
-        return self._transform(X)
+            Z = (Z - torch.as_tensor(self.mean_, device=device)).div_(torch.as_tensor(self.scale_, device=device))
+        elif self.normalize == "l2":
+            Z = F.normalize(Z, dim=1)
+        return _TorchLBFGS(Z, y, device=device, **kwargs)
+
+    def _fit_normalizer(self, X: np.ndarray) -> None:
+        """Set ``mean_`` and ``scale_`` (``normalize="standard"``), as ``StandardScaler`` but multithreaded by torch."""
+        if self.normalize == "standard":
+            var, mean = torch.var_mean(torch.as_tensor(X, dtype=torch.float64 if X.dtype == np.float64 else torch.float32), dim=0, correction=0)
+            scale = var.sqrt()
+            # A constant feature keeps scale 1, as in StandardScaler (dividing by ~0 would blow it up).
+            scale[scale <= 10 * torch.finfo(scale.dtype).eps * mean.abs().clamp_min(1.0)] = 1.0
+            self.mean_, self.scale_ = mean.numpy().astype(X.dtype), scale.numpy().astype(X.dtype)
 
     def _transform(self, X: np.ndarray) -> np.ndarray:
         """``X`` ``(n, D)`` in the space ``coef_`` applies to."""
@@ -302,7 +311,23 @@ def _argmax(scores: np.ndarray) -> np.ndarray:
 
 
 class _TorchLBFGS:
-    """Full-batch L-BFGS on scikit-learn's objective, data moved to the device once for a whole C path."""
+    """Full-batch L-BFGS on scikit-learn's objective, data moved to the device once for a whole C path.
+
+    Hand-written rather than ``torch.optim.LBFGS`` for three reasons measured on 50k x 2048 x 100
+    (2 CPU cores): the loss and its gradient come from two matrix products and no autograd graph;
+    a step without curvature history is the exact minimiser of the quadratic model along the
+    direction (one extra half-evaluation) instead of ``torch.optim.LBFGS``'s 1/|g|_1 probe that
+    spent 5 extra evaluations per fit bracketing the step; and the curvature pairs carry over
+    from one C to the next. That last one is exact: the penalty is quadratic, so changing C
+    shifts every pair's gradient difference by ``s_W * (1/C' - 1/C) / S``.
+    """
+
+    history_size = 10  # scipy's L-BFGS-B default (maxcor), as in scikit-learn
+    armijo = 1e-4  # sufficient-decrease constant c1, the usual choice
+    # Hager & Zhang's approximate Wolfe condition: near the optimum a float32 objective cannot
+    # resolve the decrease a step makes, so also accept a step that does not raise it beyond this.
+    f_noise = 1e-6
+    gap_rtol = 1e-4  # stop only when the objective is predicted within 0.01% of its minimum
 
     def __init__(
         self,
@@ -322,27 +347,88 @@ class _TorchLBFGS:
         self.y = torch.as_tensor(y, dtype=torch.int64, device=device)
         self.binary = n_classes == 2
         self.n_out = 1 if self.binary else n_classes
+        n = len(y)
         if class_weights is None:
-            self.weight = None
-            self.total = float(len(y))
+            sample_weight = torch.ones(n, dtype=self.dtype, device=device)
         else:
-            self.weight = torch.as_tensor(class_weights, dtype=self.dtype, device=device)
-            self.total = float(np.asarray(class_weights)[y].sum())
-        if self.binary:
-            self.target = self.y.to(self.dtype)
-            self.sample_weight = None if self.weight is None else self.weight[self.y]
+            sample_weight = torch.as_tensor(class_weights, dtype=self.dtype, device=device)[self.y]
+        self.total = float(sample_weight.double().sum())
+        self.row_weight = (sample_weight / self.total).unsqueeze(1)  # s_i / S, (n, 1)
+        self.rows = torch.arange(n, device=device)
         self.max_iter = max_iter
         self.tol = tol
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (s, y) curvature pairs, newest last
+        self._x: torch.Tensor | None = None  # the last solution, where the pairs were gathered
+        self._C: float | None = None
 
-    def _loss(self, W: torch.Tensor, b: torch.Tensor, C: float) -> torch.Tensor:
+    # -- the objective, on a flat parameter vector x = [W.ravel(), b]
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D = self.Z.shape[1]
+        return x[: self.n_out * D].view(self.n_out, D), x[self.n_out * D :]
+
+    def _evaluate(self, x: torch.Tensor, C: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """``(objective, gradient, probabilities)`` at ``x``; probabilities ``(n, K)`` (``(n, 1)`` binomial)."""
+        W, b = self._split(x)
         scores = torch.addmm(b, self.Z, W.T)
         if self.binary:
-            data = F.binary_cross_entropy_with_logits(
-                scores[:, 0], self.target, weight=self.sample_weight, reduction="sum"
-            )
+            z = scores[:, 0]
+            losses = F.softplus(z) - (self.y == 1) * z
+            proba = torch.sigmoid(scores)
+            residual = proba - (self.y == 1).unsqueeze(1).to(self.dtype)
         else:
-            data = F.cross_entropy(scores, self.y, weight=self.weight, reduction="sum")
-        return data / self.total + W.square().sum() / (2.0 * C * self.total)
+            lse = torch.logsumexp(scores, dim=1, keepdim=True)
+            losses = lse[:, 0] - scores[self.rows, self.y]
+            proba = torch.exp(scores.sub_(lse))
+            residual = proba.clone()
+            residual[self.rows, self.y] -= 1.0
+        residual.mul_(self.row_weight)
+        penalty = 1.0 / (C * self.total)
+        # The sums in float64: the line search compares objectives that differ in the 7th digit.
+        f = float((losses.double() * self.row_weight[:, 0].double()).sum()) + 0.5 * penalty * float(W.double().square().sum())
+        grad = torch.empty_like(x)
+        grad_W, grad_b = self._split(grad)
+        torch.addmm(W, residual.T, self.Z, beta=penalty, out=grad_W)
+        torch.sum(residual, dim=0, out=grad_b)
+        return f, grad, proba
+
+    def _curvature(self, x: torch.Tensor, direction: torch.Tensor, proba: torch.Tensor, C: float) -> float:
+        """``d' H d``: the objective's second derivative along ``direction`` at ``x`` (one product with Z)."""
+        dW, db = self._split(direction)
+        u = torch.addmm(db, self.Z, dW.T)
+        if self.binary:
+            per_row = proba * (1.0 - proba) * u.square()
+        else:
+            pu = proba * u
+            per_row = (pu * u).sum(1, keepdim=True) - pu.sum(1, keepdim=True).square()
+        data = float((per_row * self.row_weight).double().sum())
+        return data + float(dW.double().square().sum()) / (C * self.total)
+
+    def _direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """``-H grad`` by the two-loop recursion over the stored pairs."""
+        q = grad.neg()
+        alphas = []
+        for s, y in reversed(self._pairs):
+            alpha = float(s @ q) / float(y @ s)
+            q.add_(y, alpha=-alpha)
+            alphas.append(alpha)
+        s, y = self._pairs[-1]
+        q.mul_(float(y @ s) / float(y @ y))
+        for (s, y), alpha in zip(self._pairs, reversed(alphas)):
+            beta = float(y @ q) / float(y @ s)
+            q.add_(s, alpha=alpha - beta)
+        return q
+
+    def _carry_pairs(self, x: torch.Tensor, C: float) -> None:
+        """Keep the curvature pairs when this fit starts where the last one ended; adjust them to the new C."""
+        if self._x is None or self._C is None or not torch.equal(x, self._x):
+            self._pairs = []
+            return
+        shift = (1.0 / C - 1.0 / self._C) / self.total
+        n_W = self.n_out * self.Z.shape[1]
+        for s, y in self._pairs:
+            y[:n_W].add_(s[:n_W], alpha=shift)
+        self._pairs = [(s, y) for s, y in self._pairs if float(y @ s) > 0]
 
     def solve(
         self, C: float, init: tuple[np.ndarray, np.ndarray] | None
@@ -350,44 +436,55 @@ class _TorchLBFGS:
         """Minimise at ``C`` from ``init`` (zeros if None); returns ``(coef, intercept, n_iter)`` as numpy."""
         D = self.Z.shape[1]
         if init is None:
-            W = torch.zeros(self.n_out, D, dtype=self.dtype, device=self.device)
-            b = torch.zeros(self.n_out, dtype=self.dtype, device=self.device)
+            x = torch.zeros(self.n_out * (D + 1), dtype=self.dtype, device=self.device)
         else:
-            W = torch.as_tensor(init[0], dtype=self.dtype, device=self.device).clone()
-            b = torch.as_tensor(init[1], dtype=self.dtype, device=self.device).clone()
-        W.requires_grad_(True)
-        b.requires_grad_(True)
-        optimizer = torch.optim.LBFGS(
-            [W, b],
-            lr=1.0,
-            max_iter=self.max_iter,
-            max_eval=2 * self.max_iter,  # line searches may need several evaluations per iteration
-            tolerance_grad=self.tol,
-            # No stop on a small change of the objective: in float32 the line search's steps along
-            # the intercepts change a ~1.6 objective by less than its resolution (1e-7) at small C,
-            # which stopped L-BFGS far from the optimum; the gradient test is the criterion.
-            tolerance_change=0.0,
-            history_size=10,  # scipy's L-BFGS-B default (maxcor), as in scikit-learn
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = self._loss(W, b, C)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        state = optimizer.state[W]
-        n_iter = int(state.get("n_iter", 0))
-        if n_iter >= self.max_iter or state.get("func_evals", 0) >= 2 * self.max_iter:
-            warnings.warn(
-                f"L-BFGS did not converge in max_iter={self.max_iter} iterations at C={C:.3g}: "
-                f"raise max_iter or tol (now {self.tol:g}); with normalize=\"none\", standardise the features",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
-        return W.detach().cpu().numpy(), b.detach().cpu().numpy(), n_iter
+            W0 = torch.as_tensor(init[0], dtype=self.dtype, device=self.device).reshape(-1)
+            b0 = torch.as_tensor(init[1], dtype=self.dtype, device=self.device).reshape(-1)
+            x = torch.cat([W0, b0])
+        self._carry_pairs(x, C)
+        f, grad, proba = self._evaluate(x, C)
+        n_iter = 0
+        while True:
+            if self._pairs:
+                direction, step = self._direction(grad), 1.0
+            else:  # no curvature yet: steepest descent, to the minimum of the local quadratic model
+                direction = grad.neg()
+                step = float(grad @ grad) / max(self._curvature(x, direction, proba, C), 1e-30)
+            slope = float(grad @ direction)
+            if slope >= 0:  # not a descent direction (rounding): forget the history, go downhill
+                self._pairs = []
+                continue
+            # Converged when the gradient is small (scikit-learn's test) and the step's predicted
+            # decrease says the objective is within gap_rtol of its optimum: a max-abs gradient of
+            # 1e-4 alone left 0.1-0.2% of the objective on 50k x 2048 x 100 at C = 0.01. The floor of
+            # 1 (as scipy's ftol) keeps separable data, whose objective tends to 0 at large C, finite.
+            if float(grad.abs().max()) <= self.tol and -0.5 * slope * step <= self.gap_rtol * max(abs(f), 1.0):
+                break
+            if n_iter >= self.max_iter:
+                warnings.warn(
+                    f"L-BFGS did not converge in max_iter={self.max_iter} iterations at C={C:.3g}: "
+                    f"raise max_iter or tol (now {self.tol:g}); with normalize=\"none\", standardise the features",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+                break
+            for _ in range(30):  # backtracking, with the quadratic interpolation of the 1-D objective
+                x_new = x + step * direction
+                f_new, grad_new, proba_new = self._evaluate(x_new, C)
+                if f_new <= f + self.armijo * step * slope or f_new <= f + self.f_noise * abs(f):
+                    break
+                step *= max(0.1, min(0.5, -slope * step / (2.0 * (f_new - f - slope * step))))
+            else:
+                logger.debug("line search made no progress at C=%.3g after %d iterations", C, n_iter)
+                break
+            s, y = x_new - x, grad_new - grad
+            if float(y @ s) > 1e-10 * float(y @ y):
+                self._pairs = (self._pairs + [(s, y)])[-self.history_size :]
+            x, f, grad, proba = x_new, f_new, grad_new, proba_new
+            n_iter += 1
+        self._x, self._C = x, C
+        W, b = self._split(x)
+        return W.cpu().numpy().copy(), b.cpu().numpy().copy(), n_iter
 
 
 class _SklearnLBFGS:
