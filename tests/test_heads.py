@@ -115,6 +115,26 @@ def test_torch_solver_matches_sklearn_at_fixed_C(classes: int, class_weight: str
     )
 
 
+def test_curvature_carried_along_the_C_path_reaches_each_cold_optimum() -> None:
+    """Pairs kept from the previous C (shifted by the penalty change) must not bias the next solution."""
+    X, y = overlapping(800, classes=5, features=24, noise=2.5, seed=7)
+    Z = StandardScaler().fit_transform(X.astype(np.float64))
+    Cs = np.logspace(-3, 2, 6)
+    solver = LogisticProbe(Cs=list(Cs), solver="torch", tol=1e-6, device="cpu")
+    solver.classes_ = np.unique(y)
+    solver._fit_normalizer(X)
+    path = solver._solver(X, y)
+    state = None
+    for C in Cs:
+        coef, intercept, _ = path.solve(float(C), state)
+        state = coef, intercept
+        cold = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(Z, y)
+        ours = objective(Z, y, coef, intercept, C=C)
+        theirs = objective(Z, y, cold.coef_, cold.intercept_, C=C)
+        assert ours == pytest.approx(theirs, rel=1e-4), C
+    assert len(path._pairs) > 0  # the pairs were really carried, not dropped
+
+
 def test_sklearn_solver_is_sklearn() -> None:
     X, y = overlapping(400, classes=3, features=10, noise=2.0, seed=4)
     X = X.astype(np.float64)  # float64 in, float64 solve: both reach tol=1e-8
