@@ -198,6 +198,7 @@ class Store:
         self.root = Path(cache_dir) / "store" / self.key[:24]
         self.shard_dir = self.root / "shards"
         self._config_file = self.root / "config.json"
+        self.written: set[Path] = set()  # shards this process committed (compaction under torchrun)
 
     def create(self) -> None:
         try:
@@ -276,11 +277,18 @@ class Store:
         data = _shard_bytes(digests, outputs, errors, self.config)
         path = self.shard_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         _atomic_write_bytes(path, data)
+        self.written.add(path)
         return path
 
-    def compact(self, *, force: bool = False) -> None:
-        """Merge small shards into larger ones; crash-safe (duplicates are harmless, losses impossible)."""
-        small = [p for p in self.shards() if _shard_rows(p) < COMPACT_ROWS // 2]
+    def compact(self, *, force: bool = False, own: bool = False) -> None:
+        """Merge small shards into larger ones; crash-safe (duplicates are harmless, losses impossible).
+
+        Args:
+            force: merge as soon as two small shards exist, not only once many have piled up.
+            own: only shards this process wrote, so ranks writing into one store at once
+                never merge (and delete) a shard another rank is still reading.
+        """
+        small = [p for p in self.shards() if (not own or p in self.written) and _shard_rows(p) < COMPACT_ROWS // 2]
         if len(small) < (2 if force else COMPACT_SHARDS):
             return
         groups: list[list[Path]] = [[]]
@@ -309,6 +317,7 @@ class Store:
             self.write_shard(digests, merged, errors)
             for shard in group:  # only after the merged shard is durable
                 shard.unlink(missing_ok=True)
+                self.written.discard(shard)
         _fsync_dir(self.shard_dir)
 
     def width(self, index: StoreIndex, output: str) -> int:

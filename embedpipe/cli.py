@@ -176,21 +176,26 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
     Example:
         embedpipe extract data/flowers --backbone tf_efficientnet_lite0 --cache-dir cache/
         embedpipe extract data/flowers -b resnet50.a1_in1k --output embedding --output logits
+        torchrun --nproc-per-node 8 -m embedpipe extract data/flowers -b resnet50.a1_in1k
     """
     from .config import SplitConfig
+    from .distributed import is_main_process
     from .pipeline import extract as run_extract
 
     spec = backbone_spec(kw)
     run = run_config(kw, on_error=on_error)
     quiet = ctx.obj["quiet"] or quiet or as_json
+    main_rank = is_main_process()  # under torchrun only rank 0 reports
     result = run_extract(
         source,
         spec,
         cache_dir=kw.pop("cache_dir"),
         split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed),
         run=run,
-        progress=_progress_factory(quiet),
+        progress=_progress_factory(quiet or not main_rank),
     )
+    if not main_rank:
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

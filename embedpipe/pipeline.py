@@ -36,6 +36,8 @@ from .cache import (
 )
 from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of, sha256_file
 from .data import Dataset, load_dataset
+from .distributed import rank_device
+from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -163,69 +165,63 @@ def extract(
     except OSError as error:
         raise CacheError(f"cannot create cache folder {cache_dir} ({error.strerror}): pick a writable --cache-dir") from None
 
-    with progress("hashing", len(dataset)) as advance:
-        digests = FileIndex(cache_dir).digests([r.path for r in dataset.records], progress=advance)
-    fingerprint = dataset_fingerprint(dataset, digests, config)
-    path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
-    attrs = read_attrs(path)
-    if attrs and attrs.get("dataset_fingerprint") == fingerprint and attrs.get("cache_key") == config.key():
-        failed = _ledger(path)
-        _raise_on_failures(run, failed)
-        return ExtractResult(
-            path=path,
-            cache_hit=True,
-            num_images=len(dataset) - len(failed),
-            computed=0,
-            reused=len(dataset) - len(failed),
-            failed=failed,
-            dims=dict(attrs.get("dims", {})),
-            backbone=config.backbone,
-            cache_key=config.key(),
-            device=device,
-            seconds=time.perf_counter() - started,
-        )
+    with join_ranks(device) as ranks:
+        device = rank_device(device, ranks)
+        if not ranks.is_main:  # one progress bar and one report, from rank 0
+            progress = _no_progress
+        paths = [r.path for r in dataset.records]
+        with progress("hashing", len(dataset)) as advance:
+            mine = FileIndex(cache_dir).digests(ranks.share(paths), progress=advance)
+        digests = ranks.unshare(ranks.gather(mine), len(paths))
+        fingerprint = dataset_fingerprint(dataset, digests, config)
+        path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
+        attrs = read_attrs(path)
+        if attrs and attrs.get("dataset_fingerprint") == fingerprint and attrs.get("cache_key") == config.key():
+            failed = _ledger(path)
+            _raise_on_failures(run, failed)
+            return ExtractResult(
+                path=path,
+                cache_hit=True,
+                num_images=len(dataset) - len(failed),
+                computed=0,
+                reused=len(dataset) - len(failed),
+                failed=failed,
+                dims=dict(attrs.get("dims", {})),
+                backbone=config.backbone,
+                cache_key=config.key(),
+                device=device,
+                seconds=time.perf_counter() - started,
+            )
 
-    store = Store(cache_dir, config)
-    with store.lock():
-        index = store.index()
-        todo: dict[bytes, Path] = {}
-        for record, digest in zip(dataset.records, digests):
-            key = digest.encode()
-            if key not in index and key not in todo:
-                todo[key] = record.path
-        previously_failed = [
-            (r.relpath, index.errors[d.encode()]) for r, d in zip(dataset.records, digests) if d.encode() in index.errors
-        ]
-        _raise_on_failures(run, previously_failed)
-        forward_seconds, computed = _compute(store, todo, spec, config, device, run, progress)
-        index = store.index()
-        dims = {o: store.width(index, o) for o in config.outputs}
-        request = ExportRequest(
-            paths=[r.relpath for r in dataset.records],
-            labels=np.array([r.label for r in dataset.records], dtype=np.int64),
-            split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
-            digests=[d.encode() for d in digests],
-            attrs={
-                "kind": FILE_KIND,
-                "format_version": CACHE_FORMAT,
-                "cache_key": config.key(),
-                "dataset_fingerprint": fingerprint,
-                "embedding_config": config.to_dict(),
-                "backbone_spec": spec.to_dict(),  # how to rebuild this backbone (predict, fine-tune)
-                "backbone": config.backbone,
-                "weights": config.weights,
-                "preprocess": config.preprocess.to_dict(),
-                "outputs": list(config.outputs),
-                "precision": config.precision,
-                "dtype": config.dtype,
-                "dims": dims,
-                "class_names": list(dataset.class_names),
-                "dataset": dataset.describe(),
-                "split_seed": dataset.split_config.seed if dataset.split_config else -1,
-                "versions": _versions(),
-            },
-        )
-        write_export(path, store, index, request)
+        store = Store(cache_dir, config)
+        # Under torchrun rank 0 holds the store's lock for the whole job, against other jobs;
+        # its ranks write their own shards side by side.
+        with store.lock() if ranks.is_main else contextlib.nullcontext():
+            ranks.barrier()  # the store exists and dead writers' temporary files are gone
+            index = store.index()
+            ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
+            todo: dict[bytes, Path] = {}
+            for record, digest in zip(dataset.records, digests):
+                key = digest.encode()
+                if key not in index and key not in todo:
+                    todo[key] = record.path
+            previously_failed = [
+                (r.relpath, index.errors[d.encode()]) for r, d in zip(dataset.records, digests) if d.encode() in index.errors
+            ]
+            _raise_on_failures(run, previously_failed)
+            mine_todo = dict(ranks.share(list(todo.items())))
+            own = _compute(store, mine_todo, spec, config, device, run, progress, own_shards=ranks.world > 1)
+            timings = ranks.gather(own)  # also waits for every rank's last shard
+            forward_seconds = max(t[0] for t in timings)
+            computed = sum(t[1] for t in timings)
+            if ranks.is_main:
+                if ranks.world > 1:
+                    store.compact()
+                index = store.index()
+                dims = {o: store.width(index, o) for o in config.outputs}
+                write_export(path, store, index, _export_request(dataset, digests, config, spec, fingerprint, dims))
+            ranks.barrier()  # the export is complete before any rank reports it
+    dims = dict(read_attrs(path).get("dims", {}))
     failed = _ledger(path)
     return ExtractResult(
         path=path,
@@ -240,6 +236,42 @@ def extract(
         device=device,
         seconds=time.perf_counter() - started,
         images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None,
+    )
+
+
+def _export_request(
+    dataset: Dataset,
+    digests: list[str],
+    config: EmbeddingConfig,
+    spec: BackboneSpec,
+    fingerprint: str,
+    dims: dict[str, int],
+) -> ExportRequest:
+    """What the exported file holds besides the rows: the dataset's order, labels, split and metadata."""
+    return ExportRequest(
+        paths=[r.relpath for r in dataset.records],
+        labels=np.array([r.label for r in dataset.records], dtype=np.int64),
+        split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
+        digests=[d.encode() for d in digests],
+        attrs={
+            "kind": FILE_KIND,
+            "format_version": CACHE_FORMAT,
+            "cache_key": config.key(),
+            "dataset_fingerprint": fingerprint,
+            "embedding_config": config.to_dict(),
+            "backbone_spec": spec.to_dict(),  # how to rebuild this backbone (predict, fine-tune)
+            "backbone": config.backbone,
+            "weights": config.weights,
+            "preprocess": config.preprocess.to_dict(),
+            "outputs": list(config.outputs),
+            "precision": config.precision,
+            "dtype": config.dtype,
+            "dims": dims,
+            "class_names": list(dataset.class_names),
+            "dataset": dataset.describe(),
+            "split_seed": dataset.split_config.seed if dataset.split_config else -1,
+            "versions": _versions(),
+        },
     )
 
 
@@ -261,8 +293,17 @@ def _compute(
     device: str,
     run: RunConfig,
     progress: ProgressFactory,
+    *,
+    own_shards: bool = False,
 ) -> tuple[float, int]:
-    """Embed the images in ``todo`` into the store, one committed shard per batch."""
+    """Embed the images in ``todo`` into the store, one committed shard per batch.
+
+    Args:
+        own_shards: compact only the shards this process wrote (other ranks write beside it).
+
+    Returns:
+        ``(seconds, images computed)``.
+    """
     from .backbone import load_backbone
     from .cache import COMPACT_SHARDS
     from .inference import embed, prepare_model
@@ -288,9 +329,9 @@ def _compute(
             for row, reason in batch.errors:
                 logger.info("skipped %s: %s", paths[row], reason)
             if written % COMPACT_SHARDS == 0:
-                store.compact()
+                store.compact(own=own_shards)
     seconds = time.perf_counter() - started
-    store.compact()
+    store.compact(own=own_shards)
     return seconds, computed
 
 
