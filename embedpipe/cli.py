@@ -80,7 +80,8 @@ def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
         click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
         click.option("--no-jpeg-draft", is_flag=True, help="Decode JPEGs at full size even when much larger than needed."),
-        click.option("--batch-size", type=int, default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory."),
         click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: by device]."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone."),
         click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format."),
@@ -321,13 +322,14 @@ def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> No
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write predictions to .csv or .json.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory.")
 @click.option("--workers", type=int, default=None)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 @_handle_errors
 def predict(ctx: click.Context, head: str, source: str, top_k: int, out_file: str | None, cache_dir: str, device: str,
-            batch_size: int, workers: int | None, quiet: bool) -> None:
+            batch_size: int | None, workers: int | None, quiet: bool) -> None:
     """Label new images: images -> the head's backbone (via the cache) -> head -> top-k classes.
 
     The head rebuilds the backbone and preprocessing it was trained with; images already in the

@@ -101,6 +101,51 @@ def default_workers(device: str) -> int:
     return max(1, min(8, cores // 2))
 
 
+def default_batch_size(device: str) -> int:
+    # On a GPU a larger batch keeps the device busy; the forward halves it when memory runs out.
+    return 256 if device.startswith("cuda") else 64
+
+
+def _forward_fitting(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    outputs: Sequence[str],
+    *,
+    autocast_dtype: torch.dtype | None,
+    device_type: str,
+    limit: list[int],
+) -> dict[str, torch.Tensor]:
+    """Forward ``x`` in chunks of at most ``limit[0]`` images, halving ``limit[0]`` on out-of-memory.
+
+    The limit is shared across batches (a one-element list), so once a size failed the
+    run stays below it instead of failing again on every batch.
+    """
+    from .errors import BackboneError
+
+    while True:
+        try:
+            parts = []
+            for start in range(0, len(x), limit[0]):
+                chunk = x[start : start + limit[0]]
+                if autocast_dtype is not None:
+                    with torch.autocast(device_type=device_type, dtype=autocast_dtype):
+                        parts.append(forward_outputs(model, chunk, outputs))
+                else:
+                    parts.append(forward_outputs(model, chunk, outputs))
+            if len(parts) == 1:
+                return parts[0]
+            return {name: torch.cat([part[name] for part in parts]) for name in outputs}
+        except torch.OutOfMemoryError:
+            if limit[0] == 1:
+                raise BackboneError(
+                    "out of memory for a single image: use a smaller --img-size, --precision bf16, or --device cpu"
+                ) from None
+            limit[0] = max(1, limit[0] // 2)
+            if device_type == "cuda":
+                torch.cuda.empty_cache()
+            logger.warning("out of memory: running the network on %d images at a time", limit[0])
+
+
 def prepare_model(model: torch.nn.Module, device: str, run: RunConfig) -> torch.nn.Module:
     """Move to the device, set channels_last and compile, as the run asks."""
     model = model.to(device)
@@ -128,12 +173,13 @@ def embed(
         device: a resolved device string.
         run: batch size, workers and the rest of how to run.
     """
+    batch_size = default_batch_size(device) if run.batch_size is None else run.batch_size
     workers = default_workers(device) if run.num_workers is None else run.num_workers
-    workers = min(workers, max(0, (len(paths) + run.batch_size - 1) // run.batch_size))
+    workers = min(workers, max(0, (len(paths) + batch_size - 1) // batch_size))
     on_cuda = device.startswith("cuda")
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, config),
-        batch_size=run.batch_size,
+        batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         pin_memory=on_cuda,
@@ -143,6 +189,7 @@ def embed(
     autocast_dtype = _AUTOCAST_DTYPES.get(config.precision)
     device_type = device.split(":")[0]
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
+    limit = [batch_size]
     with torch.inference_mode():
         for rows, images, reasons in loader:
             ok = torch.tensor([not reason for reason in reasons], dtype=torch.bool)
@@ -154,11 +201,9 @@ def embed(
                 rows, images = rows[ok], images[ok]
             x = images.to(device, non_blocking=on_cuda).contiguous(memory_format=memory_format)
             x = normalize(x, config.preprocess)
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=device_type, dtype=autocast_dtype):
-                    out = forward_outputs(model, x, config.outputs)
-            else:
-                out = forward_outputs(model, x, config.outputs)
+            out = _forward_fitting(
+                model, x, config.outputs, autocast_dtype=autocast_dtype, device_type=device_type, limit=limit
+            )
             yield Batch(
                 rows=rows.numpy().astype(np.int64),
                 outputs={name: value.float().cpu().numpy() for name, value in out.items()},

@@ -306,3 +306,31 @@ def test_hub_weights_load_from_the_local_hf_cache_offline(image_tree: Path, tmp_
     X_hub, _, meta = embedpipe.load(hub.stdout.strip())
     assert meta["weights"] == "timm:test_resnet.r160_in1k"
     np.testing.assert_allclose(X_hub, embedpipe.load(local.stdout.strip())[0], rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_halves_the_forward_instead_of_failing(
+    image_tree: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    import embedpipe.inference as inference
+
+    reference, _, _ = embedpipe.load(embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "a", run=run).path)
+    real = inference.forward_outputs
+    sizes: list[int] = []
+
+    def small_device(model, x, outputs):
+        sizes.append(len(x))
+        if len(x) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, x, outputs)
+
+    monkeypatch.setattr(inference, "forward_outputs", small_device)
+    with caplog.at_level("WARNING", logger="embedpipe.inference"):
+        result = embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "b", run=dataclasses.replace(run, batch_size=8))
+    X, _, _ = embedpipe.load(result.path)
+    np.testing.assert_allclose(X, reference, rtol=1e-5, atol=1e-6)
+    assert max(s for s in sizes[3:]) <= 2  # after the first failures the run stays at the size that fitted
+    assert "2 images at a time" in caplog.text
+
+    monkeypatch.setattr(inference, "forward_outputs", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
+    with pytest.raises(BackboneError, match="out of memory for a single image"):
+        embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "c", run=run)
