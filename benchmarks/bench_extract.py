@@ -865,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=None, help="override the input size (e.g. 64 for test models)")
     parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the dataset (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=RunConfig().batch_size)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: embedpipe's default for the device")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: embedpipe's default for the device)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -879,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc-tuned", action="store_true", help="raise glibc's mmap/trim thresholds in this process first (the proposed fix)")
     parser.add_argument("--allocator-child", choices=("default", "tuned"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = inference.default_batch_size(resolve_device(args.device))
     if args.allocator_child:
         return allocator_child(args)
     malloc_tuned = tune_glibc_malloc() if args.malloc_tuned else False
