@@ -8,7 +8,9 @@ Two measurements, each through the real command line (``embedpipe extract``, lau
    ratio to one process. On a GPU machine each process gets its own GPU (ideal ratio:
    the process count); on a CPU the processes share the same cores (``OMP_NUM_THREADS``
    = cores / processes, ideal ratio 1.0: the work is split, not the cores multiplied).
-2. memory: peak RSS of one ``embedpipe extract`` process (``--workers 0``, so every byte
+2. decode: JPEG decode-only images/s, embedpipe's PIL decoding in its DataLoader workers vs
+   ``torchvision.io.decode_jpeg`` on the GPU (CUDA only), to choose the GPU path's decoder.
+3. memory: peak RSS of one ``embedpipe extract`` process (``--workers 0``, so every byte
    is counted in that process) over datasets of growing size; the ratio of the largest
    to the smallest dataset's peak (goal: flat, <= 1.10; extraction streams rows and
    never holds N x D).
@@ -79,6 +81,43 @@ def peak_rss_of(command: list[str], env: dict[str, str]) -> tuple[dict[str, Any]
         return json.loads(out.read()), wall, usage.ru_maxrss / 1024  # KiB on Linux
 
 
+def decode_pil(paths: list[Path], args: argparse.Namespace) -> float:
+    """Images/s of embedpipe's own decode + resize + crop (PIL) in its default DataLoader workers."""
+    import torch
+
+    from embedpipe import inference
+    from embedpipe.backbone import resolve_device
+    from embedpipe.pipeline import resolve
+    from embedpipe.config import BackboneSpec
+
+    device = resolve_device(args.device)
+    preprocess = {"input_size": args.img_size} if args.img_size else {}
+    config = resolve(BackboneSpec(name=args.backbone, pretrained=False, preprocess=preprocess), device)
+    loader = torch.utils.data.DataLoader(inference.ImageFiles(paths, config), batch_size=64,
+                                         num_workers=inference.default_workers(device), prefetch_factor=4)
+    started = time.perf_counter()
+    count = sum(len(rows) for rows, _, _ in loader)
+    return count / (time.perf_counter() - started)
+
+
+def decode_gpu(paths: list[Path], args: argparse.Namespace) -> float:
+    """Images/s of ``torchvision.io.decode_jpeg`` on the GPU, batched, from bytes already in memory."""
+    import torch
+
+    if not args.device.startswith("cuda"):
+        raise RuntimeError("needs --device cuda")
+    import torchvision.io
+
+    data = [torchvision.io.read_file(str(p)) for p in paths]
+    torchvision.io.decode_jpeg(data[:8], device="cuda")  # warm-up: nvjpeg handles
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for start in range(0, len(data), 64):
+        torchvision.io.decode_jpeg(data[start : start + 64], device="cuda")
+    torch.cuda.synchronize()
+    return len(data) / (time.perf_counter() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -91,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--memory-sizes", default="1000,4000,16000", help="dataset sizes of the memory runs (default: %(default)s)")
     add("--workdir", default=None, help="where images and caches go (default: a temporary folder)")
     add("--out", default=None, help="results JSON (default: benchmarks/results/scale-<machine>.json)")
-    add("--parts", default="scaling,memory", help="what to measure (default: %(default)s)")
+    add("--parts", default="scaling,memory,decode",
+        help="what to measure: scaling, memory, decode (PIL workers vs nvjpeg on the GPU) (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.img_size is None and args.backbone.startswith("test_"):
         args.img_size = 64
@@ -160,6 +200,18 @@ def main(argv: list[str] | None = None) -> int:
                    goal=f"<= {GOAL_MEMORY_FLAT}", passed=ratio <= GOAL_MEMORY_FLAT)
             rows.append((f"peak RSS {max(peaks)} / {min(peaks)} images", f"{ratio:.3f}",
                          "pass" if ratio <= GOAL_MEMORY_FLAT else "MISS"))
+
+    if "decode" in parts:
+        data = make_photos(workdir / f"photos-{args.images}", args.images, (500, 375))
+        for name, fn in (("pil_workers", decode_pil), ("gpu_decode_jpeg", decode_gpu)):
+            try:
+                ips = fn(sorted(data.glob("*.jpg")), args)
+            except Exception as error:  # noqa: BLE001
+                record(measurement="decode", variant=name, error=f"{type(error).__name__}: {error}")
+                rows.append((f"decode only, {name}", "error", str(error)[:70]))
+                continue
+            record(measurement="decode", variant=name, error=None, images_per_second=ips)
+            rows.append((f"decode only, {name}", f"{ips:.0f} img/s", ""))
 
     out = Path(args.out or REPO / "benchmarks" / "results" / f"scale-{machine_slug(info)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
