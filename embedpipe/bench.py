@@ -1,0 +1,266 @@
+"""Bookkeeping for ``embedpipe bench``: named backbone lists, run ids, cost measurements, results files.
+
+The grid itself runs in :func:`embedpipe.pipeline.bench`; the tables, plots and
+HTML are in :mod:`embedpipe.report`. A bench writes one flat record per run
+(backbone x head x shots x seed), one per failure, and one summary per
+(backbone, head, shots) over seeds, to ``results.json`` and ``results.csv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import platform
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import BackboneSpec, SplitConfig, digest_of
+from .errors import EmbedpipeError
+
+# Bump when the meaning of a stored record changes; a results.json of another version is not reused.
+BENCH_FORMAT = 1
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+REPORT_HTML = "report.html"
+FINETUNE_DIR = "finetune"  # copies of fine-tune run folders shown in the report (metrics.jsonl, summary.json)
+BACKBONE_LISTS = Path(__file__).resolve().parents[1] / "benchmarks" / "backbones.json"
+ALL = "all"  # shots: every training image
+SCRATCH = "scratch"  # the head name of --baseline scratch rows (same architecture trained from random init)
+# How many images to time a cached backbone on, so a cache hit still reports images/s and memory.
+THROUGHPUT_SAMPLE = 64
+
+
+class BenchError(EmbedpipeError):
+    """A bench cannot start: bad grid, unknown backbone list, results of another format."""
+
+    exit_code = 7
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+def parse_shots(values: Sequence[str | int | None]) -> list[int | str]:
+    """``["1", "5", "all"]`` -> ``[1, 5, "all"]``, in the given order, without repeats."""
+    shots: list[int | str] = []
+    for value in values:
+        if value is None or str(value).strip().lower() == ALL:
+            shots.append(ALL)
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            raise BenchError(f"--shots {value!r} is neither a number nor 'all': e.g. --shots 1,5,10,all") from None
+        if number < 1:
+            raise BenchError(f"--shots {number} must be at least 1 image per class")
+        shots.append(number)
+    if not shots:
+        raise BenchError("no --shots given: e.g. --shots 1,5,10,all")
+    return list(dict.fromkeys(shots))
+
+
+def backbone_lists(path: str | Path | None = None) -> dict[str, list[str]]:
+    """The named lists in ``benchmarks/backbones.json`` (or ``path``): name -> timm model names."""
+    path = Path(path) if path else BACKBONE_LISTS
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BenchError(f"cannot read backbone lists from {path} ({error}): fix the file or pass --backbones a,b,c") from None
+    return {k: list(v) for k, v in data.items() if not k.startswith("_")}
+
+
+def resolve_backbones(text: str | Sequence[str], *, lists_file: str | Path | None = None) -> list[str]:
+    """A comma list of names, where a name may also be a named list (``small``, ``offline``...)."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    named = backbone_lists(lists_file)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        names.extend(named.get(item, [item]))
+    if not names:
+        raise BenchError(f"no backbones given: pass --backbones a,b or a named list ({', '.join(named) or 'none found'})")
+    return list(dict.fromkeys(names))
+
+
+def run_key(*, source: str, spec: BackboneSpec, split: SplitConfig, head: str, params: dict[str, Any],
+            shots: int | str, seed: int) -> str:
+    """The id of one grid cell: changes whenever anything that decides its numbers does."""
+    return digest_of(
+        {"format": BENCH_FORMAT, "source": source, "spec": spec.to_dict(), "split": split.to_dict(), "head": head,
+         "params": params, "shots": shots, "seed": seed}
+    )[:16]
+
+
+def session_id() -> str:
+    """Names one bench invocation; every record it writes carries it (so a resumed row shows where it came from)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+# --------------------------------------------------------------------------- costs
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocator peak on a GPU, else the rise of this process's RSS.
+
+    The CPU figure samples ``/proc/self/statm`` every 20 ms (Linux; None elsewhere), so it covers the
+    forward pass's activations and the model weights, not the DataLoader workers' decoding buffers.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self.kind = "cuda_max_allocated" if device.startswith("cuda") else "rss_increase"
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda_max_allocated":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self._base = self._rss()
+        self._peak = self._base
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            rss = self._rss()
+            if rss is not None and self._peak is not None and rss > self._peak:
+                self._peak = rss
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda_max_allocated":
+            import torch
+
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        rss = self._rss() or 0
+        self.peak_bytes = max(self._peak or 0, rss) - self._base
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What a results file must name: CPU/GPU, cores, library versions, git commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = found[1].strip() if found else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpu = ""
+    if device.startswith("cuda"):
+        import torch
+
+        gpu = torch.cuda.get_device_name(device)
+    info: dict[str, Any] = {"cpu": cpu, "cores": cores, "gpu": gpu, "device": device, "python": platform.python_version(),
+                            "embedpipe": __version__}
+    for package in ("torch", "timm", "scikit-learn", "numpy"):
+        try:
+            info[package.replace("-", "")] = version(package)
+        except PackageNotFoundError:
+            info[package.replace("-", "")] = "not installed"
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        commit = done.stdout.strip() if done.returncode == 0 else ""
+    info["git_commit"] = commit
+    info["machine"] = machine_slug(info)
+    return info
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """``cpu-amd-epyc-2c`` or ``gpu-nvidia-h100-80gb-hbm3-16c``, as benchmarks/bench_heads.py names results files."""
+    name = info.get("gpu") or info.get("cpu") or ""
+    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+    return f"{'gpu' if info.get('gpu') else 'cpu'}-{slug}-{info.get('cores', 0)}c"
+
+
+# --------------------------------------------------------------------------- results files
+
+
+def read_results(out: str | Path) -> list[dict[str, Any]]:
+    """The records of ``out/results.json``; empty when there is none.
+
+    Raises:
+        BenchError: the file is unreadable or of another bench format.
+    """
+    path = Path(out) / RESULTS_JSON
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise BenchError(f"{path} is unreadable ({error}): delete it, or rerun the bench without --skip-existing") from None
+    if not isinstance(records, list):
+        raise BenchError(f"{path} is not a list of bench records: delete it and rerun the bench")
+    formats = {r.get("bench_format") for r in records}
+    if formats - {BENCH_FORMAT}:
+        raise BenchError(f"{path} holds bench format {sorted(map(str, formats))}, this embedpipe writes {BENCH_FORMAT}: "
+                         "rerun the bench into a new --out folder")
+    return records
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else value
+
+
+def write_results(out: str | Path, records: list[dict[str, Any]]) -> None:
+    """``results.json`` (a list of flat records) and ``results.csv`` (the same, one row each), written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(records, indent=1, default=str) + "\n"
+    tmp = out / f".{RESULTS_JSON}.tmp"
+    tmp.write_text(text)
+    tmp.replace(out / RESULTS_JSON)
+    columns: dict[str, None] = {}
+    for record in records:
+        columns.update(dict.fromkeys(record))
+    tmp = out / f".{RESULTS_CSV}.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _csv_cell(record.get(k)) for k in columns})
+    tmp.replace(out / RESULTS_CSV)
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    box: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - started
