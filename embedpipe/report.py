@@ -62,7 +62,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     summaries = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r["seed"])
-        summary: dict[str, Any] = {"bench_format": runs[0]["bench_format"], "record": "summary"}
+        summary: dict[str, Any] = {"bench_format": runs[0]["bench_format"], "record": "summary", "error": None}
         summary.update({k: runs[0].get(k) for k in _CONSTANT})
         summary["seeds"] = [r["seed"] for r in runs]
         summary["n_seeds"] = len(runs)
