@@ -17,7 +17,7 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,13 +254,3 @@ def write_results(out: str | Path, records: list[dict[str, Any]]) -> None:
         for record in records:
             writer.writerow({k: _csv_cell(record.get(k)) for k in columns})
     tmp.replace(out / RESULTS_CSV)
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[dict[str, float]]:
-    box: dict[str, float] = {}
-    started = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box["seconds"] = time.perf_counter() - started

@@ -379,7 +379,7 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds 0..N-1: each draws the few-shot sample and seeds the head.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Results folder: results.csv, results.json, report.html, *.png.")
+              help="Results folder: results.csv, results.json, report.html, *.png; {machine} becomes the machine's name.")
 @click.option("--skip-existing", is_flag=True, help="Resume: keep finished runs stored in OUT whose inputs are unchanged.")
 @click.option("--baseline", type=click.Choice(["scratch"]), default=None,
               help="Also train each architecture from random init on each label budget (needs the fine-tune stage).")

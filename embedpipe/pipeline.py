@@ -706,12 +706,21 @@ def _head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
 
     defaults = HEADS[kind]().get_params()
     merged = {**defaults, **params}
-    out = {"head_normalisation": "", "c_grid": ""}
+    out = {"head_normalisation": "", "c_grid": "", "head_protocol": ""}
     if kind == "logreg":
         grid = c_grid(merged["Cs"])
         out["head_normalisation"] = {"standard": "standardised per feature (train mean and std)", "l2": "L2-normalised rows",
                                      "none": "not normalised"}.get(merged["normalize"], str(merged["normalize"]))
         out["c_grid"] = f"{len(grid)} values log-spaced {grid.min():.0e}..{grid.max():.0e}" if len(grid) > 1 else f"C={grid[0]:g}"
+        out["head_protocol"] = (f"multinomial logistic regression ({merged['solver']} L-BFGS), features {out['head_normalisation']}, "
+                                f"C from {out['c_grid']} on a {merged['val_fraction']:g} hold-out, then refit")
+    elif kind == "knn":
+        k = f"k={merged['k']}" if merged["k"] else f"k from {tuple(merged['k_grid'])} on a {merged['val_fraction']:g} hold-out"
+        out["head_protocol"] = f"cosine kNN, votes weighted exp(similarity / {merged['temperature']:g}); {k}"
+    elif kind == "mlp":
+        out["head_protocol"] = (f"MLP hidden {merged['hidden']}, dropout {merged['dropout']:g}, {merged['optimizer']} lr {merged['lr']:g}, "
+                                f"weight decay {merged['weight_decay']:g}, up to {merged['max_epochs']} epochs, early stopping "
+                                f"(patience {merged['patience']}) on a {merged['val_fraction']:g} hold-out")
     return out
 
 
@@ -818,7 +827,8 @@ def bench(
         heads: names in :data:`embedpipe.heads.HEADS`.
         shots: training images per class, ints or ``"all"``.
         seeds: how many seeds (0..n-1), or the seeds themselves; a seed draws the few-shot sample and seeds the head.
-        out: results folder: ``results.json``, ``results.csv``, ``report.html``, ``*.png``.
+        out: results folder: ``results.json``, ``results.csv``, ``report.html``, ``*.png``; ``{machine}`` in
+            it becomes the machine's name (``cpu-amd-epyc-2c``), as in benchmarks/results/.
         cache_dir: the embedding cache (already cached backbones are not recomputed).
         split: how to split data that comes without a split.
         run: device, batch size, workers.
@@ -836,7 +846,6 @@ def bench(
     from .heads import HEADS
     from .report import read_finetune_run, render, summarise
 
-    out = Path(out)
     split = split or SplitConfig()
     specs = [_spec(b) for b in backbones]
     if not specs:
@@ -859,6 +868,7 @@ def bench(
     source_id = str(dataset.root)
     device = resolve_device(run.device)
     env = {f"env_{k}": v for k, v in environment(device).items()}
+    out = Path(str(out).replace("{machine}", env["env_machine"]))  # results folders name the machine they ran on
     session = session_id()
     previous = {}
     if skip_existing:
@@ -899,8 +909,6 @@ def bench(
                 how = f"sample of {len(sample)} images"
             params_count = parameter_count(spec.name)
         except Exception as error:  # noqa: BLE001 - any backbone failure (name, weights, memory) becomes a row
-            if isinstance(error, KeyboardInterrupt):
-                raise
             logger.warning("%s failed: %s", spec.name, error)
             records.append({**base, "record": "error", "created": _now(), "run_id": "", "head": None, "shots": None, "seed": None,
                             "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
@@ -942,7 +950,8 @@ def bench(
                 error=None, accuracy=test.get("accuracy"), balanced_accuracy=test.get("balanced_accuracy"),
                 macro_f1=test.get("macro_f1"), val_accuracy=val.get("accuracy"), train_accuracy=train["accuracy"],
                 n_train=fit.n_train, n_val=counts["val"], n_test=test.get("n", 0),
-                chosen=", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in fit.chosen.items()) or "fixed",
+                chosen=", ".join(f"{k.replace('best_epoch', 'epoch')}={v:.3g}" if isinstance(v, float) else
+                                 f"{k.replace('best_epoch', 'epoch')}={v}" for k, v in fit.chosen.items()) or "fixed",
                 fit_seconds=fit.fit_seconds, confusion_matrix=test.get("confusion_matrix"), class_names=[str(c) for c in fit.head.classes_],
             )
             records.append(record)

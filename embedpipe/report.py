@@ -25,7 +25,7 @@ from .bench import ALL, FINETUNE_DIR, REPORT_HTML, SCRATCH, BenchError
 _CONSTANT = ("backbone", "weights", "pretrained", "head", "shots", "embedding_dim", "param_count", "extract_images_per_second",
              "throughput_source", "peak_memory_bytes", "peak_memory_kind", "device", "precision", "n_classes", "n_val", "n_test",
              "dataset", "source", "split", "preprocess", "normalisation", "head_normalisation", "c_grid", "selection",
-             "head_params", "machine")
+             "head_params", "head_protocol")
 PLOT_SHOTS = "accuracy_vs_shots.png"
 PLOT_PARETO = "accuracy_vs_throughput.png"
 PLOT_CONFUSION = "confusion_matrix.png"
@@ -73,11 +73,20 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         summary["n_train_mean"] = statistics.fmean(r["n_train"] for r in runs)
         summary["train_per_class"] = summary["n_train_mean"] / max(1, runs[0]["n_classes"])
         summary["fit_seconds_mean"] = statistics.fmean(r["fit_seconds"] for r in runs)
-        summary["chosen"] = "; ".join(dict.fromkeys(r["chosen"] for r in runs)) or "fixed"
+        summary["chosen"] = _chosen_over_seeds([r.get("chosen") or "fixed" for r in runs])
         summary["majority_accuracy"] = runs[0].get("majority_accuracy")
         summary["run_ids"] = [r["run_id"] for r in runs]
         summaries.append(summary)
     return summaries
+
+
+def _chosen_over_seeds(chosen: list[str]) -> str:
+    """``["C=0.1", "C=1"]`` -> ``"C 0.1, 1"`` (one value per seed, in seed order); mixed keys are joined as they are."""
+    pairs = [c.split("=", 1) if c.count("=") == 1 else None for c in chosen]
+    if pairs and all(pairs) and len({p[0] for p in pairs}) == 1:
+        values = [p[1] for p in pairs]
+        return f"{pairs[0][0]} {values[0]}" if len(set(values)) == 1 else f"{pairs[0][0]} {', '.join(values)}"
+    return "; ".join(dict.fromkeys(chosen))
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -154,7 +163,8 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
     close = [s for s in same_budget if s["accuracy_mean"] >= best["accuracy_mean"] - 0.01 and s["extract_images_per_second"]]
     if close and best["extract_images_per_second"]:
         fastest = max(close, key=lambda s: s["extract_images_per_second"])
-        if fastest["backbone"] != best["backbone"] and fastest["extract_images_per_second"] > best["extract_images_per_second"]:
+        # Only a clear difference in speed (20%) is worth a sentence; less is within the noise of a shared machine.
+        if fastest["backbone"] != best["backbone"] and fastest["extract_images_per_second"] > 1.2 * best["extract_images_per_second"]:
             lines.append(
                 f"Cheaper at almost the same accuracy: {fastest['backbone']} + {fastest['head']} scores "
                 f"{fastest['accuracy_mean'] * POINTS:.1f}% and extracts {fastest['extract_images_per_second']:.0f} img/s "
@@ -168,8 +178,11 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
 
         low, high = top(budgets[0]), top(budgets[-1])
         high_labels = "all labels" if high["shots"] == ALL else f"{high['shots']} per class"
+        majority = low.get("majority_accuracy")
+        below = (f" (below the {majority * POINTS:.1f}% of always guessing the majority class; balanced accuracy "
+                 f"{low['balanced_accuracy_mean'] * POINTS:.1f}%)") if majority and low["accuracy_mean"] < majority else ""
         lines.append(
-            f"With {budgets[0]} labels per class the best is {low['backbone']} + {low['head']} at {low['accuracy_mean'] * POINTS:.1f}%, "
+            f"With {budgets[0]} labels per class the best is {low['backbone']} + {low['head']} at {low['accuracy_mean'] * POINTS:.1f}%{below}, "
             f"{(high['accuracy_mean'] - low['accuracy_mean']) * POINTS:.1f} points below the best with {high_labels}."
         )
     scratch = {(s["backbone"], str(s["shots"])): s for s in summaries if s["head"] == SCRATCH}
@@ -208,44 +221,73 @@ def _save(fig: Any, path: Path) -> Path:
 _MARKERS = {"logreg": "o", "knn": "s", "mlp": "^", SCRATCH: "x"}
 
 
-def plot_shots(summaries: Sequence[dict[str, Any]], path: Path) -> tuple[Path, list[tuple[str, str]]]:
-    """Test accuracy (mean ± std over seeds) against labelled images per class: one line per backbone and head.
+def _colours(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    plt = _pyplot()
+    backbones = list(dict.fromkeys(s["backbone"] for s in summaries))
+    return {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backbones)}
 
-    Frozen-feature heads are solid lines; ``--baseline scratch`` rows (the same architecture trained
-    from random initialisation) are dashed, in their backbone's colour.
+
+def _majority(summaries: Sequence[dict[str, Any]]) -> float | None:
+    return next((s["majority_accuracy"] for s in summaries if s.get("majority_accuracy")), None)
+
+
+def _clip_percent(ax: Any) -> None:
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0), min(high, 101))  # std bars never past 100%
+
+
+def plot_shots(summaries: Sequence[dict[str, Any]], path: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """Test accuracy (mean ± std over seeds) against labelled images per class: one panel per head, one line per backbone.
+
+    ``--baseline scratch`` rows (the same architecture trained from random initialisation) are drawn
+    dashed in their backbone's colour on every panel, so each head is compared with training from scratch.
+
+    Returns:
+        The PNG path and the (backbone, head) series drawn.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    backbones = list(dict.fromkeys(s["backbone"] for s in summaries))
-    colours = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backbones)}
+    heads = [h for h in dict.fromkeys(s["head"] for s in summaries) if h != SCRATCH] or [SCRATCH]
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 + 3.3 * len(heads), 4.4), sharey=True, squeeze=False)
+    colours = _colours(summaries)
+    majority = _majority(summaries)
     series: list[tuple[str, str]] = []
     ticks: dict[float, str] = {}
-    for backbone in backbones:
-        for head in dict.fromkeys(s["head"] for s in summaries if s["backbone"] == backbone):
-            points = sorted((s for s in summaries if s["backbone"] == backbone and s["head"] == head and s["accuracy_mean"] is not None),
-                            key=lambda s: s["train_per_class"])
-            if not points:
-                continue
-            x = [s["train_per_class"] for s in points]
-            y = [s["accuracy_mean"] * POINTS for s in points]
-            err = [(s["accuracy_std"] or 0.0) * POINTS for s in points]
-            ax.errorbar(x, y, yerr=err, color=colours[backbone], marker=_MARKERS.get(head, "D"), capsize=3, markersize=5,
-                        linestyle="--" if head == SCRATCH else "-", label=f"{backbone} + {head}" if head != SCRATCH else f"{backbone} from scratch")
-            series.append((backbone, head))
-            for s in points:
-                ticks[round(s["train_per_class"], 3)] = "all" if s["shots"] == ALL else str(s["shots"])
-    majority = next((s["majority_accuracy"] for s in summaries if s.get("majority_accuracy")), None)
-    if majority:
-        ax.axhline(majority * POINTS, color="grey", linestyle=":", linewidth=1, label="majority class")
-    if ticks and min(ticks) > 0:
-        ax.set_xscale("log")
-    ax.set_xticks(sorted(ticks), [ticks[t] if ticks[t] != "all" else f"all\n({t:.0f})" for t in sorted(ticks)])
-    ax.minorticks_off()
-    ax.set_xlabel("labelled training images per class")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("How many labels: accuracy vs shots (mean ± std over seeds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    for ax, panel in zip(axes[0], heads):
+        for backbone in colours:
+            for head in (panel, SCRATCH) if panel != SCRATCH else (SCRATCH,):
+                points = sorted((s for s in summaries if s["backbone"] == backbone and s["head"] == head and s["accuracy_mean"] is not None),
+                                key=lambda s: s["train_per_class"])
+                if not points:
+                    continue
+                ax.errorbar([s["train_per_class"] for s in points], [s["accuracy_mean"] * POINTS for s in points],
+                            yerr=[(s["accuracy_std"] or 0.0) * POINTS for s in points], color=colours[backbone], capsize=3,
+                            marker="x" if head == SCRATCH else "o", markersize=5, linestyle="--" if head == SCRATCH else "-",
+                            label=f"{backbone} from scratch" if head == SCRATCH else backbone)
+                if (backbone, head) not in series:
+                    series.append((backbone, head))
+                for s in points:
+                    ticks[round(s["train_per_class"], 3)] = "all" if s["shots"] == ALL else str(s["shots"])
+        if majority:
+            ax.axhline(majority * POINTS, color="grey", linestyle=":", linewidth=1, label="majority class")
+        ax.set_title("trained from scratch" if panel == SCRATCH else f"frozen features + {panel}", fontsize=10)
+        ax.set_xlabel("labelled training images per class")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[0]:
+        if ticks and min(ticks) > 0:
+            ax.set_xscale("log")
+        ax.set_xticks(sorted(ticks), [ticks[t] if ticks[t] != "all" else f"all\n(~{t:.0f})" for t in sorted(ticks)])
+        ax.minorticks_off()
+    _clip_percent(axes[0][0])
+    axes[0][0].set_ylabel("test accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            if l not in labels:
+                handles.append(h)
+                labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("How many labels: test accuracy vs labelled images per class (mean ± std over seeds)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
     return _save(fig, path), series
 
 
@@ -257,9 +299,8 @@ def plot_pareto(summaries: Sequence[dict[str, Any]], path: Path) -> Path | None:
     budget = max((s["shots"] for s in frozen), key=_shots_order)
     points = [s for s in frozen if s["shots"] == budget]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    backbones = list(dict.fromkeys(s["backbone"] for s in summaries))
-    colours = {b: plt.get_cmap("tab10")(i % 10) for i, b in enumerate(backbones)}
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    colours = _colours(summaries)
     for s in points:
         ax.errorbar(s["extract_images_per_second"], s["accuracy_mean"] * POINTS, yerr=(s["accuracy_std"] or 0) * POINTS,
                     color=colours[s["backbone"]], marker=_MARKERS.get(s["head"], "D"), capsize=3, linestyle="none",
@@ -271,13 +312,32 @@ def plot_pareto(summaries: Sequence[dict[str, Any]], path: Path) -> Path | None:
         for o in points)), key=lambda s: s["extract_images_per_second"])
     ax.plot([s["extract_images_per_second"] for s in front], [s["accuracy_mean"] * POINTS for s in front], color="black",
             linewidth=1, alpha=0.5, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("extraction throughput (images/s, log scale)")
+    for backbone in dict.fromkeys(s["backbone"] for s in points):
+        top = max((s for s in points if s["backbone"] == backbone), key=lambda s: s["accuracy_mean"])
+        ax.annotate(backbone, (top["extract_images_per_second"], top["accuracy_mean"] * POINTS), textcoords="offset points",
+                    xytext=(6, 6), fontsize=8, color=colours[backbone])
+    majority = _majority(summaries)
+    if majority:
+        ax.axhline(majority * POINTS, color="grey", linestyle=":", linewidth=1, label="majority class")
+    rates = [s["extract_images_per_second"] for s in points]
+    if max(rates) / min(rates) > 8:  # a log axis only when the speeds span an order of magnitude
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(min(rates) / 1.4, max(rates) * 1.4)
+        ax.set_xlabel("extraction throughput (images/s, log scale)")
+    else:
+        span = max(rates) - min(rates) or max(rates) * 0.2
+        ax.set_xlim(max(0, min(rates) - 0.25 * span), max(rates) + 0.45 * span)
+        ax.set_xlabel("extraction throughput (images/s)")
+    _clip_percent(ax)
     ax.set_ylabel("test accuracy (%)")
     labels = "all labels" if budget == ALL else f"{budget} labels per class"
-    ax.set_title(f"Quality vs cost ({labels}; up and right is better)")
+    ax.set_title(f"Quality vs cost ({labels}; up and right is better)", fontsize=11)
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, path)
 
 
@@ -372,13 +432,15 @@ h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border
 .sub{color:#667;margin-top:0}.lead{background:#f3f7fc;border-left:4px solid #3b7dd8;padding:.6em 1em;margin:1em 0}
 .lead li{margin:.25em 0}.lead li:first-child{font-weight:600}
 table{border-collapse:collapse;font-size:.86em;width:100%}th,td{padding:.3em .55em;border-bottom:1px solid #e4e6eb;text-align:left;white-space:nowrap}
-th{background:#f6f7f9;position:sticky;top:0}td.n{text-align:right;font-variant-numeric:tabular-nums}tr.best td{background:#eaf6ea;font-weight:600}
+th{background:#f6f7f9}td.n{text-align:right;font-variant-numeric:tabular-nums}td.w{white-space:normal;min-width:10em}
+.scroll{overflow-x:auto}tr.best td{background:#eaf6ea;font-weight:600}
 figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#556;font-size:.9em}
 .err td{color:#a12}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;font-size:.9em}dt{color:#556}dd{margin:0}
 code{background:#f3f3f5;padding:0 .25em;border-radius:3px}footer{margin-top:2em;color:#889;font-size:.8em}
 """
 
 _NUMERIC = {"accuracy", "balanced acc.", "dim", "params", "img/s", "peak mem.", "fit s"}
+_WRAP = {"chosen", "error"}  # long free text: wraps instead of widening the table
 
 
 def _img(path: Path, alt: str) -> str:
@@ -391,9 +453,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, highlight: i
     head = "".join(f"<th>{e(h)}</th>" for h in header)
     body = []
     for i, row in enumerate(rows):
-        cells = "".join(f'<td class="n">{e(c)}</td>' if h in _NUMERIC else f"<td>{e(c)}</td>" for h, c in zip(header, row))
+        cells = "".join(f'<td class="{"n" if h in _NUMERIC else "w" if h in _WRAP else ""}">{e(c)}</td>' for h, c in zip(header, row))
         body.append(f'<tr{" class=best" if i == highlight else ""}>{cells}</tr>')
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
 
 
 def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -408,15 +470,17 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
         ("test set", f"{first.get('n_test', '?')} images, the same for every row; accuracy and balanced accuracy are on it"),
         ("labels", "shots = training images per class drawn from the train split by the seed (all = the whole train split)"),
         ("hyper-parameters", str(first.get("selection", ""))),
-        ("logreg", f"features {first.get('head_normalisation', '')}; C grid {first.get('c_grid', '')}"),
-        ("knn", "cosine similarity, temperature-weighted votes; k chosen from (1, 5, 10, 20, 50, 100) on validation"),
-        ("mlp", "one hidden layer, AdamW, early stopping on validation"),
         ("seeds", f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}: a seed draws the few-shot sample and seeds the head"),
         ("mean ± std", "sample standard deviation over seeds (0 with one seed)"),
         ("throughput", "images/s of the extraction's decode + forward loop (batch size and workers as run); on a cache hit, "
                        f"timed on a sample of the images"),
-        ("peak memory", "peak CUDA allocation on a GPU; on a CPU the rise of the process's resident memory during extraction"),
+        ("peak memory", "peak CUDA allocation on a GPU; on a CPU the rise of the process's resident memory during extraction "
+                        "(the first backbone's figure also holds one-off start-up allocations)"),
     ]
+    heads = {}
+    for r in runs:
+        heads.setdefault(r["head"], r.get("head_protocol") or (f"C grid {r['c_grid']}" if r.get("c_grid") else ""))
+    items += [(f"head {h}", text) for h, text in heads.items() if text]
     items += [(f"backbone {b}", text) for b, text in per_backbone.items()]
     return items
 
@@ -479,7 +543,8 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
         f"frozen features, one extraction per backbone.</p>",
         '<ul class="lead">' + "".join(f"<li>{e(line)}</li>" for line in lines) + "</ul>",
         "<h2>Results</h2>",
-        "<p>Test split, mean ± std over seeds. <em>chosen</em>: the hyper-parameter picked on validation for each seed.</p>",
+        "<p>Test split, mean ± std over seeds. <em>chosen</em>: the hyper-parameter each seed picked on its hold-out "
+        "(C of logreg, k of knn, the best epoch of mlp).</p>",
         _table(TABLE_COLUMNS, table_rows(summaries), highlight=summaries.index(best) if best in summaries else None),
     ]
     if plots:
