@@ -459,8 +459,9 @@ def bench(ctx: click.Context, source: str, backbones: str | None, heads: str, sh
 @click.option("--finetune-run", "finetune_runs", multiple=True, type=click.Path(file_okay=False),
               help="A fine-tune run folder (metrics.jsonl, summary.json) to add to the report; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary records as JSON.")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (for a README).")
 @_handle_errors
-def report(out: str, finetune_runs: tuple[str, ...], as_json: bool) -> None:
+def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     """Re-render OUT/report.html and the plots from a bench's stored results; prints the table.
 
     \b
@@ -469,14 +470,14 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool) -> None:
         embedpipe report reports/flowers --finetune-run runs/flowers-lite0
     """
     from .pipeline import report as run_report
-    from .report import text_table
+    from .report import markdown_table, text_table
 
     result = run_report(out, finetune_runs=finetune_runs)
     if as_json:
         click.echo(json.dumps(result.summaries, indent=2, default=str))
         return
     errors = [r for r in json.loads((Path(out) / "results.json").read_text()) if r.get("error")]
-    click.echo(text_table(result.summaries, errors))
+    click.echo((markdown_table if markdown else text_table)(result.summaries, errors))
     click.echo(f"report: {result.html}", err=True)
 
 

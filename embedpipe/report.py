@@ -137,6 +137,14 @@ def text_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, A
     return "\n".join(lines)
 
 
+def markdown_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> str:
+    """The summary table in Markdown (for a README), then one line per failure."""
+    rows = [TABLE_COLUMNS, tuple("---:" if c in _NUMERIC else "---" for c in TABLE_COLUMNS), *table_rows(summaries)]
+    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines += [f"\nfailed: {e.get('backbone')} {e.get('head') or ''}: {e['error']}" for e in errors]
+    return "\n".join(lines)
+
+
 def _best(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     frozen = [s for s in summaries if s["head"] != SCRATCH and s["accuracy_mean"] is not None]
     if not frozen:
