@@ -400,6 +400,12 @@ def plot_finetune(name: str, epochs: Sequence[dict[str, Any]], summary: dict[str
     plt = _pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = [e.get("epoch", i) for i, e in enumerate(epochs)]
+    marks = {key: summary.get(key) for key in ("best_epoch", "stopped_epoch")}
+    if any(b <= a for a, b in zip(x, x[1:])):
+        # Epochs restart per phase: count rows instead, and put the marks on the last row with that epoch number.
+        rows = list(range(1, len(x) + 1))
+        marks = {k: next((r for r, e in zip(reversed(rows), reversed(x)) if e == v), None) for k, v in marks.items()}
+        x = rows
     for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
         for part, style in (("train", "-"), ("val", "-")):
             values = [(xi, e.get(f"{part}_{metric}")) for xi, e in zip(x, epochs) if e.get(f"{part}_{metric}") is not None]
@@ -407,16 +413,18 @@ def plot_finetune(name: str, epochs: Sequence[dict[str, Any]], summary: dict[str
                 scale = POINTS if metric == "acc" else 1
                 ax.plot([v[0] for v in values], [v[1] * scale for v in values], style, marker=".", label=part)
         phases = [(xi, e.get("phase")) for xi, e in zip(x, epochs)]
+        if len({p for _, p in phases}) > 1:
+            ax.text(phases[0][0], 0.02, f" {phases[0][1]}", transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
         for (x0, p0), (x1, p1) in zip(phases, phases[1:]):
             if p1 != p0:
                 ax.axvline((x0 + x1) / 2, color="grey", linewidth=0.8, linestyle=":")
-                ax.text((x0 + x1) / 2, 1.0, f" {p1}", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="grey")
-        if summary.get("best_epoch") is not None:
-            ax.axvline(summary["best_epoch"], color="green", linestyle="--", linewidth=1, label=f"best epoch {summary['best_epoch']}")
-        if summary.get("stopped_epoch") is not None:
-            ax.axvline(summary["stopped_epoch"], color="red", linestyle=":", linewidth=1,
+                ax.text((x0 + x1) / 2, 0.02, f" {p1}", transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
+        if marks["best_epoch"] is not None:
+            ax.axvline(marks["best_epoch"], color="green", linestyle="--", linewidth=1, label=f"best epoch {summary['best_epoch']} (kept)")
+        if marks["stopped_epoch"] is not None:
+            ax.axvline(marks["stopped_epoch"], color="red", linestyle=":", linewidth=1,
                        label=f"stopped {summary['stopped_epoch']}" + (f" ({summary['stop_reason']})" if summary.get("stop_reason") else ""))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch" if x == [e.get("epoch") for e in epochs] else "epoch (counted across phases)")
         ax.set_ylabel(label + (" (%)" if metric == "acc" else ""))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
@@ -471,7 +479,8 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
     per_backbone = {}
     for s in summaries:
         per_backbone.setdefault(s["backbone"], f"{s['preprocess']}; normalised with {s['normalisation']}; weights {s['weights']}; "
-                                              f"{s['precision']} compute on {s['device']}")
+                                              f"{s['precision']} compute on {s['device']}; images/s from the "
+                                              f"{s.get('throughput_source') or 'extraction'}")
     items = [
         ("dataset", f"{first.get('dataset', '')} ({first.get('source', '')}), {first.get('n_classes', '?')} classes"),
         ("split", str(first.get("split", ""))),
@@ -480,8 +489,8 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
         ("hyper-parameters", str(first.get("selection", ""))),
         ("seeds", f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}: a seed draws the few-shot sample and seeds the head"),
         ("mean ± std", "sample standard deviation over seeds (0 with one seed)"),
-        ("throughput", "images/s of the extraction's decode + forward loop (batch size and workers as run); on a cache hit, "
-                       f"timed on a sample of the images"),
+        ("throughput", "images/s of the extraction's decode + forward loop (batch size and workers as run); for a backbone "
+                       "that came from the cache, timed on a sample of the images"),
         ("peak memory", "peak CUDA allocation on a GPU; on a CPU the rise of the process's resident memory during extraction "
                         "(the first backbone's figure also holds one-off start-up allocations)"),
     ]
@@ -496,7 +505,8 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
 def _environment(runs: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     first = runs[0] if runs else {}
     keys = ("machine", "cpu", "cores", "gpu", "device", "torch", "timm", "scikitlearn", "numpy", "python", "embedpipe", "git_commit")
-    items = [(k, str(first.get(f"env_{k}", ""))) for k in keys if first.get(f"env_{k}") not in (None, "")]
+    shown = {"scikitlearn": "scikit-learn", "git_commit": "git commit"}
+    items = [(shown.get(k, k), str(first.get(f"env_{k}", ""))) for k in keys if first.get(f"env_{k}") not in (None, "")]
     sessions = sorted({r["session"] for r in runs})
     dates = sorted(r["created"] for r in runs)
     if dates:
