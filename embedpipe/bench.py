@@ -21,7 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import BackboneSpec, SplitConfig, digest_of
+import numpy as np
+
+from .config import BackboneSpec, EmbeddingConfig, SplitConfig, digest_of
 from .errors import EmbedpipeError
 
 # Bump when the meaning of a stored record changes; a results.json of another version is not reused.
@@ -103,6 +105,84 @@ def run_key(*, source: str, spec: BackboneSpec, split: SplitConfig, head: str, p
 def session_id() -> str:
     """Names one bench invocation; every record it writes carries it (so a resumed row shows where it came from)."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + os.urandom(3).hex()
+
+
+# --------------------------------------------------------------------------- record fields
+
+
+def backbone_record(config: EmbeddingConfig, labels: np.ndarray, meta: dict[str, Any], split: SplitConfig) -> dict[str, Any]:
+    """The protocol fields one backbone's rows share: weights, preprocessing, normalisation, split sizes, classes.
+
+    Args:
+        config: the resolved embedding config.
+        labels: int64 (N,) labels of the exported file; meta: its metadata (``embedpipe.load``).
+        split: the split asked for (used where the data came without one).
+    """
+    p = config.preprocess
+    column = meta["split"]
+    counts = {s: int((column == s).sum()) for s in ("train", "val", "test")}
+    test = labels[column == "test"]
+    source = (meta.get("dataset") or {}).get("split_source", "")
+    how = f"seeded split (val {split.val_fraction:g}, test {split.test_fraction:g}, seed {split.seed})" if source == "seeded" else f"{source} split"
+    return {
+        "weights": config.weights,
+        "precision": config.precision,
+        "preprocess": f"{p.input_size[1]}x{p.input_size[2]} {p.interpolation}, crop_pct {p.crop_pct:g} ({p.crop_mode})",
+        "normalisation": "mean (" + ", ".join(f"{v:.3f}" for v in p.mean) + "), std (" + ", ".join(f"{v:.3f}" for v in p.std) + ")",
+        "split": f"{how}: train {counts['train']} / val {counts['val']} / test {counts['test']}",
+        "n_classes": len(meta["class_names"]),
+        "class_names": [str(c) for c in meta["class_names"]],
+        "n_val": counts["val"],
+        "majority_accuracy": float(np.bincount(test).max() / len(test)) if len(test) else None,
+        "selection": "chosen on a held-out share of each head's own training rows, then refit on all of them; "
+                     "the val split is not used for fitting (its accuracy is reported as val_accuracy)",
+    }
+
+
+def head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
+    """How a head was set up, in words: its normalisation, C grid and settings (defaults merged with ``params``)."""
+    from .heads import HEADS
+    from .heads.logreg import c_grid
+
+    merged = {**HEADS[kind]().get_params(), **params}
+    out = {"head_normalisation": "", "c_grid": "", "head_protocol": ""}
+    if kind == "logreg":
+        grid = c_grid(merged["Cs"])
+        out["head_normalisation"] = {"standard": "standardised per feature (train mean and std)", "l2": "L2-normalised rows",
+                                     "none": "not normalised"}.get(merged["normalize"], str(merged["normalize"]))
+        out["c_grid"] = f"{len(grid)} values log-spaced {grid.min():.0e}..{grid.max():.0e}" if len(grid) > 1 else f"C={grid[0]:g}"
+        out["head_protocol"] = (f"multinomial logistic regression ({merged['solver']} L-BFGS), features {out['head_normalisation']}, "
+                                f"C from {out['c_grid']} on a {merged['val_fraction']:g} hold-out, then refit")
+    elif kind == "knn":
+        k = f"k={merged['k']}" if merged["k"] else f"k from {tuple(merged['k_grid'])} on a {merged['val_fraction']:g} hold-out"
+        out["head_protocol"] = f"cosine kNN, votes weighted exp(similarity / {merged['temperature']:g}); {k}"
+    elif kind == "mlp":
+        out["head_protocol"] = (f"MLP hidden {merged['hidden']}, dropout {merged['dropout']:g}, {merged['optimizer']} lr {merged['lr']:g}, "
+                                f"weight decay {merged['weight_decay']:g}, up to {merged['max_epochs']} epochs, early stopping "
+                                f"(patience {merged['patience']}) on a {merged['val_fraction']:g} hold-out")
+    return out
+
+
+def fit_metrics(metrics: dict[str, dict[str, Any]], chosen: dict[str, Any], *, n_train: int, fit_seconds: float,
+                classes: np.ndarray) -> dict[str, Any]:
+    """A run's result fields from a fitted head's metrics (see :func:`embedpipe.pipeline.fit_head`)."""
+    test, val, train = metrics.get("test", {}), metrics.get("val", {}), metrics["train"]
+    words = {"best_epoch": "epoch"}
+    return {
+        "error": None,
+        "accuracy": test.get("accuracy"),
+        "balanced_accuracy": test.get("balanced_accuracy"),
+        "macro_f1": test.get("macro_f1"),
+        "val_accuracy": val.get("accuracy"),
+        "train_accuracy": train["accuracy"],
+        "n_train": n_train,
+        "n_test": test.get("n", 0),
+        "chosen": ", ".join(f"{words.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{words.get(k, k)}={v}"
+                            for k, v in chosen.items()) or "fixed",
+        "fit_seconds": fit_seconds,
+        "confusion_matrix": test.get("confusion_matrix"),
+        "class_names": [str(c) for c in classes],
+    }
 
 
 # --------------------------------------------------------------------------- costs

@@ -693,37 +693,6 @@ class BenchResult:
     report: Any  # the embedpipe.report.ReportResult
 
 
-def _describe_preprocess(config: EmbeddingConfig) -> tuple[str, str]:
-    p = config.preprocess
-    size = f"{p.input_size[1]}x{p.input_size[2]}"
-    return (f"{size} {p.interpolation}, crop_pct {p.crop_pct:g} ({p.crop_mode})",
-            "mean (" + ", ".join(f"{v:.3f}" for v in p.mean) + "), std (" + ", ".join(f"{v:.3f}" for v in p.std) + ")")
-
-
-def _head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
-    from .heads import HEADS
-    from .heads.logreg import c_grid
-
-    defaults = HEADS[kind]().get_params()
-    merged = {**defaults, **params}
-    out = {"head_normalisation": "", "c_grid": "", "head_protocol": ""}
-    if kind == "logreg":
-        grid = c_grid(merged["Cs"])
-        out["head_normalisation"] = {"standard": "standardised per feature (train mean and std)", "l2": "L2-normalised rows",
-                                     "none": "not normalised"}.get(merged["normalize"], str(merged["normalize"]))
-        out["c_grid"] = f"{len(grid)} values log-spaced {grid.min():.0e}..{grid.max():.0e}" if len(grid) > 1 else f"C={grid[0]:g}"
-        out["head_protocol"] = (f"multinomial logistic regression ({merged['solver']} L-BFGS), features {out['head_normalisation']}, "
-                                f"C from {out['c_grid']} on a {merged['val_fraction']:g} hold-out, then refit")
-    elif kind == "knn":
-        k = f"k={merged['k']}" if merged["k"] else f"k from {tuple(merged['k_grid'])} on a {merged['val_fraction']:g} hold-out"
-        out["head_protocol"] = f"cosine kNN, votes weighted exp(similarity / {merged['temperature']:g}); {k}"
-    elif kind == "mlp":
-        out["head_protocol"] = (f"MLP hidden {merged['hidden']}, dropout {merged['dropout']:g}, {merged['optimizer']} lr {merged['lr']:g}, "
-                                f"weight decay {merged['weight_decay']:g}, up to {merged['max_epochs']} epochs, early stopping "
-                                f"(patience {merged['patience']}) on a {merged['val_fraction']:g} hold-out")
-    return out
-
-
 def _throughput_sample(spec: BackboneSpec, config: EmbeddingConfig, paths: list[Path], device: str, run: RunConfig) -> tuple[float | None, int | None]:
     """Images/s and peak memory of the extraction loop on a few images, for backbones that came from the cache."""
     from .backbone import load_backbone
@@ -841,8 +810,8 @@ def bench(
         progress: progress bar factory for the extractions.
     """
     from .backbone import parameter_count, resolve_device
-    from .bench import (ALL, BENCH_FORMAT, FINETUNE_DIR, BenchError, PeakMemory, THROUGHPUT_SAMPLE, environment, parse_shots,
-                        read_results, run_key, session_id, write_results)
+    from .bench import (ALL, BENCH_FORMAT, FINETUNE_DIR, THROUGHPUT_SAMPLE, BenchError, PeakMemory, backbone_record,
+                        environment, fit_metrics, head_protocol, parse_shots, read_results, run_key, session_id, write_results)
     from .heads import HEADS
     from .report import read_finetune_run, render, summarise
 
@@ -915,46 +884,28 @@ def bench(
                             "error_type": type(error).__name__})
             save()
             continue
-        preprocess, normalisation = _describe_preprocess(config)
         _, labels, meta = load(extracted.path, output="embeddings")
-        split_column = meta["split"]
-        counts = {s: int((split_column == s).sum()) for s in ("train", "val", "test")}
-        test_labels = labels[split_column == "test"]
-        majority = float(np.bincount(test_labels).max() / len(test_labels)) if len(test_labels) else None
         backbone_fields = {
-            **base, "weights": config.weights, "embedding_dim": extracted.dims.get(OUTPUT_EMBEDDING), "param_count": params_count,
-            "extract_images_per_second": rate, "throughput_source": how, "extract_seconds": extracted.seconds,
-            "cache_hit": extracted.cache_hit, "peak_memory_bytes": peak, "peak_memory_kind": memory.kind, "device": device,
-            "precision": config.precision, "n_classes": len(meta["class_names"]), "class_names": list(meta["class_names"]),
-            "preprocess": preprocess, "normalisation": normalisation, "majority_accuracy": majority,
-            "split": (f"{(meta.get('dataset') or {}).get('split_source', '')} split (val {split.val_fraction:g}, test "
-                      f"{split.test_fraction:g}, seed {split.seed}): train {counts['train']} / val {counts['val']} / test {counts['test']}"),
-            "selection": "chosen on a held-out share of each head's own training rows, then refit on all of them; "
-                         "the val split is not used for fitting (its accuracy is reported as val_accuracy)",
-            "embeddings_file": str(extracted.path),
+            **base, **backbone_record(config, labels, meta, split), "embedding_dim": extracted.dims.get(OUTPUT_EMBEDDING),
+            "param_count": params_count, "extract_images_per_second": rate, "throughput_source": how,
+            "extract_seconds": extracted.seconds, "cache_hit": extracted.cache_hit, "peak_memory_bytes": peak,
+            "peak_memory_kind": memory.kind, "device": device, "embeddings_file": str(extracted.path),
         }
         for kind, params, budget, seed, key in todo:
             record = {**backbone_fields, "record": "run", "created": _now(), "run_id": key, "head": kind, "shots": budget,
-                      "seed": seed, "head_params": json.dumps(params, sort_keys=True), **_head_protocol(kind, params)}
+                      "seed": seed, "head_params": json.dumps(params, sort_keys=True), **head_protocol(kind, params)}
             accepted = HEADS[kind]().get_params()
             fit_params = {**({"random_state": seed} if "random_state" in accepted else {}), **params}
             try:
                 fit = fit_head(extracted.path, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed,
                                holdout=True)
-            except EmbedpipeError as error:
+            except Exception as error:  # noqa: BLE001 - a head that cannot fit (too few labels, out of memory) becomes a row
+                logger.warning("%s + %s, shots %s, seed %s failed: %s", spec.name, kind, budget, seed, error)
                 records.append({**record, "record": "error", "error": str(error), "error_type": type(error).__name__})
                 continue
             fitted += 1
-            test, val, train = fit.metrics.get("test", {}), fit.metrics.get("val", {}), fit.metrics["train"]
-            record.update(
-                error=None, accuracy=test.get("accuracy"), balanced_accuracy=test.get("balanced_accuracy"),
-                macro_f1=test.get("macro_f1"), val_accuracy=val.get("accuracy"), train_accuracy=train["accuracy"],
-                n_train=fit.n_train, n_val=counts["val"], n_test=test.get("n", 0),
-                chosen=", ".join(f"{k.replace('best_epoch', 'epoch')}={v:.3g}" if isinstance(v, float) else
-                                 f"{k.replace('best_epoch', 'epoch')}={v}" for k, v in fit.chosen.items()) or "fixed",
-                fit_seconds=fit.fit_seconds, confusion_matrix=test.get("confusion_matrix"), class_names=[str(c) for c in fit.head.classes_],
-            )
-            records.append(record)
+            records.append({**record, **fit_metrics(fit.metrics, fit.chosen, n_train=fit.n_train, fit_seconds=fit.fit_seconds,
+                                                    classes=fit.head.classes_)})
         save()
     if baseline == "scratch":
         for spec in specs:
