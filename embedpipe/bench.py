@@ -185,6 +185,36 @@ def fit_metrics(metrics: dict[str, dict[str, Any]], chosen: dict[str, Any], *, n
     }
 
 
+def finetune_record(run_dir: str | Path) -> dict[str, Any]:
+    """The result fields of a fine-tune run folder (its ``summary.json``): test accuracy, kept epoch, cost."""
+    from .report import read_finetune_run
+
+    epochs, summary = read_finetune_run(run_dir)
+    test = summary.get("test") or {}
+    return {"error": None, "accuracy": test.get("accuracy"), "balanced_accuracy": test.get("balanced_accuracy"),
+            "macro_f1": test.get("macro_f1"), "n_test": test.get("n"), "chosen": f"epoch={summary.get('best_epoch')}",
+            "fit_seconds": summary.get("seconds"), "peak_memory_bytes": summary.get("peak_memory_bytes"), "epochs": len(epochs),
+            "stop_reason": summary.get("stop_reason"), "run_dir": str(run_dir)}
+
+
+def scratch_record(common: dict[str, Any], *, spec: BackboneSpec, split: SplitConfig, shots: int | str, seed: int,
+                   run_dir: str | Path, error: BaseException | None = None) -> dict[str, Any]:
+    """One ``--baseline scratch`` row: the architecture trained from random init on ``shots`` labels per class.
+
+    Args:
+        common: the fields every record of the bench carries (format, session, dataset, source, environment).
+        run_dir: the fine-tune run folder it trained into (read when ``error`` is None).
+        error: what stopped that run, if anything.
+    """
+    record = {**common, "record": "run", "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "backbone": spec.name,
+              "pretrained": False, "head": SCRATCH, "shots": shots, "seed": seed,
+              "run_id": run_key(source=common["source"], spec=spec, split=split, head=SCRATCH, params={}, shots=shots, seed=seed)}
+    if error is not None:
+        return {**record, "record": "error", "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+                "error_type": type(error).__name__}
+    return {**record, **finetune_record(run_dir)}
+
+
 # --------------------------------------------------------------------------- costs
 
 

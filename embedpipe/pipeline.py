@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from .cache import (
 from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of, sha256_file
 from .data import Dataset, load_dataset
 from .errors import CacheError, EmbedpipeError, ImageDecodeError
+
+if TYPE_CHECKING:
+    from .report import ReportResult
 
 logger = logging.getLogger(__name__)
 
@@ -690,7 +693,7 @@ class BenchResult:
     errors: list[dict[str, Any]]  # the failure records
     fitted: int  # head fits run now (the rest came from --skip-existing)
     reused: int  # runs taken from the stored results
-    report: Any  # the embedpipe.report.ReportResult
+    report: ReportResult  # what was rendered: report.html, the plots, the headline
 
 
 def _throughput_sample(spec: BackboneSpec, config: EmbeddingConfig, paths: list[Path], device: str, run: RunConfig) -> tuple[float | None, int | None]:
@@ -723,17 +726,19 @@ def _fine_tune_stage() -> Callable[..., Any]:
 
 
 def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int | str], seeds: list[int], out: Path,
-                     split: SplitConfig, run: RunConfig, common: dict[str, Any]) -> list[dict[str, Any]]:
+                     split: SplitConfig, run: RunConfig, common: dict[str, Any],
+                     previous: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """``--baseline scratch``: the same architecture trained from random initialisation on each label budget.
 
     Each (shots, seed) trains into ``out/scratch/<backbone>-<shots>-s<seed>/`` and becomes a record with
-    ``head == "scratch"``, read from that run's ``summary.json``, which the report draws dashed on the shots plot.
-    The call follows the fine-tune stage's signature ``fine_tune(source, backbone=..., *, out=..., config=...)``;
-    check FineTuneConfig's field names when the two branches meet.
+    ``head == "scratch"`` (:func:`embedpipe.bench.scratch_record`, read from that run's ``summary.json``),
+    which the report draws dashed on the shots plot. The call follows the fine-tune stage's signature
+    ``fine_tune(source, backbone=..., *, out=..., config=...)``; check FineTuneConfig's field names
+    (label budget, seed) when the two branches meet.
     """
     from dataclasses import replace
 
-    from .bench import SCRATCH, run_key
+    from .bench import SCRATCH, run_key, scratch_record
 
     fine_tune = _fine_tune_stage()
     from .config import FineTuneConfig  # type: ignore[attr-defined]  # arrives with the fine-tune stage
@@ -741,28 +746,19 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
     records = []
     for budget in shots:
         for seed in seeds:
+            key = run_key(source=common["source"], spec=spec, split=split, head=SCRATCH, params={}, shots=budget, seed=seed)
+            if key in previous:  # --skip-existing
+                records.append(previous[key])
+                continue
             run_dir = out / "scratch" / f"{spec.name}-{budget}-s{seed}"
-            record = {**common, "record": "run", "head": SCRATCH, "shots": budget, "seed": seed, "error": None,
-                      "run_id": run_key(source=common["source"], spec=spec, split=split, head=SCRATCH, params={}, shots=budget, seed=seed)}
             try:
                 fine_tune(source, backbone=replace(spec, pretrained=False), out=run_dir, run=run,
                           config=FineTuneConfig(shots=None if budget == "all" else budget, seed=seed))
-                record.update(finetune_record(run_dir))
-            except EmbedpipeError as error:
-                record.update(error=str(error), error_type=type(error).__name__, record="error")
-            records.append(record)
+                error = None
+            except Exception as failure:  # noqa: BLE001 - a failed baseline run becomes a row, like any other
+                error = failure
+            records.append(scratch_record(common, spec=spec, split=split, shots=budget, seed=seed, run_dir=run_dir, error=error))
     return records
-
-
-def finetune_record(run_dir: str | Path) -> dict[str, Any]:
-    """The bench fields of a fine-tune run folder (its ``summary.json``): test accuracy, best epoch, cost."""
-    from .report import read_finetune_run
-
-    epochs, summary = read_finetune_run(run_dir)
-    test = summary.get("test") or {}
-    return {"accuracy": test.get("accuracy"), "balanced_accuracy": test.get("balanced_accuracy"), "chosen": f"epoch={summary.get('best_epoch')}",
-            "fit_seconds": summary.get("seconds"), "peak_memory_bytes": summary.get("peak_memory_bytes"), "epochs": len(epochs),
-            "run_dir": str(run_dir)}
 
 
 def bench(
@@ -909,9 +905,10 @@ def bench(
         save()
     if baseline == "scratch":
         for spec in specs:
-            common = {"bench_format": BENCH_FORMAT, "session": session, "dataset": dataset.name, "source": source_id, "backbone": spec.name,
-                      "pretrained": False, "created": _now(), **env}
-            records += _scratch_records(source, spec, shots=budgets, seeds=seed_list, out=out, split=split, run=run, common=common)
+            common = {"bench_format": BENCH_FORMAT, "session": session, "dataset": dataset.name, "source": source_id, **env}
+            records += _scratch_records(source, spec, shots=budgets, seeds=seed_list, out=out, split=split, run=run, common=common,
+                                        previous=previous)
+            save()
     if finetune_runs:
         for folder in finetune_runs:
             target = out / FINETUNE_DIR / Path(folder).resolve().name
@@ -925,7 +922,7 @@ def bench(
     return BenchResult(out=out, records=stored, summaries=result.summaries, errors=errors, fitted=fitted, reused=reused, report=result)
 
 
-def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> Any:
+def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> ReportResult:
     """Re-render ``report.html`` and the plots of a bench folder from its ``results.json``.
 
     Args:
@@ -933,7 +930,7 @@ def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> Any:
         finetune_runs: more fine-tune run folders to show (copied into ``out/finetune/``).
 
     Returns:
-        The :class:`embedpipe.report.ReportResult`.
+        What was rendered (:class:`embedpipe.report.ReportResult`).
     """
     from .bench import FINETUNE_DIR, BenchError, read_results
     from .report import read_finetune_run, render
@@ -956,4 +953,4 @@ def _now() -> str:
 
 
 __all__ = ["BenchResult", "ExtractResult", "FitResult", "Prediction", "bench", "cache_info", "cache_list", "cache_remove",
-           "cache_verify", "evaluate", "extract", "fit_head", "finetune_record", "load", "predict", "report", "resolve"]
+           "cache_verify", "evaluate", "extract", "fit_head", "load", "predict", "report", "resolve"]

@@ -70,13 +70,21 @@ def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[metric] for r in runs if r.get(metric) is not None]
             summary[f"{metric}_mean"] = statistics.fmean(values) if values else None
             summary[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
-        summary["n_train_mean"] = statistics.fmean(r["n_train"] for r in runs)
-        summary["train_per_class"] = summary["n_train_mean"] / max(1, runs[0]["n_classes"])
-        summary["fit_seconds_mean"] = statistics.fmean(r["fit_seconds"] for r in runs)
+        n_train = [r["n_train"] for r in runs if r.get("n_train") is not None]
+        summary["n_train_mean"] = statistics.fmean(n_train) if n_train else None
+        summary["train_per_class"] = (summary["n_train_mean"] / max(1, runs[0].get("n_classes") or 1) if n_train
+                                      else None if runs[0]["shots"] == ALL else float(runs[0]["shots"]))
+        seconds = [r["fit_seconds"] for r in runs if r.get("fit_seconds") is not None]
+        summary["fit_seconds_mean"] = statistics.fmean(seconds) if seconds else None
         summary["chosen"] = _chosen_over_seeds([r.get("chosen") or "fixed" for r in runs])
         summary["majority_accuracy"] = runs[0].get("majority_accuracy")
         summary["run_ids"] = [r["run_id"] for r in runs]
         summaries.append(summary)
+    # Rows that do not say how many images they trained on (a scratch run on "all") sit where the others with that budget do.
+    known = {str(s["shots"]): s["train_per_class"] for s in summaries if s["train_per_class"] is not None}
+    for s in summaries:
+        if s["train_per_class"] is None:
+            s["train_per_class"] = known.get(str(s["shots"]))
     return summaries
 
 
@@ -116,11 +124,12 @@ def table_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     rows = []
     for s in summaries:
         rows.append((
-            s["backbone"], s["head"], str(s["shots"]) if s["shots"] != ALL else f"all ({s['train_per_class']:.0f})",
+            s["backbone"], s["head"],
+            str(s["shots"]) if s["shots"] != ALL else "all" if s["train_per_class"] is None else f"all ({s['train_per_class']:.0f})",
             _pm(s["accuracy_mean"], s["accuracy_std"]), _pm(s["balanced_accuracy_mean"], s["balanced_accuracy_std"]),
             s["chosen"], "–" if s["embedding_dim"] is None else str(s["embedding_dim"]), _si(s["param_count"]),
             "–" if s["extract_images_per_second"] is None else f"{s['extract_images_per_second']:.1f}",
-            _mib(s["peak_memory_bytes"]), f"{s['fit_seconds_mean']:.2f}",
+            _mib(s["peak_memory_bytes"]), "–" if s["fit_seconds_mean"] is None else f"{s['fit_seconds_mean']:.2f}",
         ))
     return rows
 
@@ -263,7 +272,8 @@ def plot_shots(summaries: Sequence[dict[str, Any]], path: Path) -> tuple[Path, l
     for ax, panel in zip(axes[0], heads):
         for backbone in colours:
             for head in (panel, SCRATCH) if panel != SCRATCH else (SCRATCH,):
-                points = sorted((s for s in summaries if s["backbone"] == backbone and s["head"] == head and s["accuracy_mean"] is not None),
+                points = sorted((s for s in summaries if s["backbone"] == backbone and s["head"] == head
+                                 and s["accuracy_mean"] is not None and s["train_per_class"] is not None),
                                 key=lambda s: s["train_per_class"])
                 if not points:
                     continue

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 import embedpipe.pipeline as pipeline
-from embedpipe import BackboneSpec, RunConfig
-from embedpipe.bench import BenchError, parse_shots, read_results, resolve_backbones
+from embedpipe import BackboneSpec, RunConfig, SplitConfig
+from embedpipe.bench import BenchError, parse_shots, read_results, resolve_backbones, scratch_record
 from embedpipe.report import PLOT_CONFUSION, PLOT_PARETO, PLOT_SHOTS
 
 BACKBONES = ("test_resnet", "test_efficientnet")
@@ -153,14 +153,21 @@ def test_scratch_rows_are_drawn_on_the_shots_plot(benched: tuple[pipeline.BenchR
     result, _ = benched
     out = _copy(result.out, tmp_path)
     records = read_results(out)
+    first = _runs(records)[0]
+    common = {k: v for k, v in first.items() if k.startswith("env_") or k in ("bench_format", "session", "dataset", "source")}
     scratch = []
-    for r in _runs(records):
-        if r["backbone"] == "test_resnet" and r["head"] == "logreg":
-            scratch.append({**r, "head": "scratch", "run_id": r["run_id"] + "s", "accuracy": 0.4, "balanced_accuracy": 0.4,
-                            "chosen": "epoch=3", "confusion_matrix": None})
-    (out / "results.json").write_text(json.dumps(records + scratch))
+    for shots in SHOTS:  # what --baseline scratch stores: one record per fine-tune run folder
+        for seed in range(SEEDS):
+            run_dir = _finetune_run(tmp_path / "scratch" / f"test_resnet-{shots}-s{seed}")
+            scratch.append(scratch_record(common, spec=TINY, split=SplitConfig(), shots=shots, seed=seed, run_dir=run_dir))
+    failed = scratch_record(common, spec=TINY, split=SplitConfig(), shots=2, seed=9, run_dir=tmp_path, error=MemoryError("out of memory"))
+    assert failed["record"] == "error" and failed["error"] == "out of memory"
+    (out / "results.json").write_text(json.dumps(records + scratch + [failed]))
     rendered = pipeline.report(out)
     assert ("test_resnet", "scratch") in rendered.series and ("test_resnet", "logreg") in rendered.series
+    row = next(s for s in rendered.summaries if s["head"] == "scratch" and s["shots"] == "all")
+    assert row["accuracy_mean"] == pytest.approx(0.87) and row["train_per_class"] == next(
+        s["train_per_class"] for s in rendered.summaries if s["head"] == "logreg" and s["shots"] == "all")
     assert any(line.startswith("Pretraining buys") for line in rendered.headline)
     assert (out / PLOT_SHOTS).read_bytes() != (result.out / PLOT_SHOTS).read_bytes()
 
