@@ -372,6 +372,8 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @click.option("--backbones", default=None,
               help="Comma list of timm names and/or named lists from benchmarks/backbones.json "
                    "(offline, offline-fast, small, standard, test) [default: --backbone].")
+@click.option("--backbone-lists", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A JSON file of named backbone lists (name -> [timm names]) [default: benchmarks/backbones.json].")
 @backbone_options
 @click.option("--heads", default="logreg,knn", show_default=True, help="Comma list of heads: logreg, knn, mlp.")
 @click.option("--shots", default="all", show_default=True,
@@ -393,7 +395,7 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the table.")
 @click.pass_context
 @_handle_errors
-def bench(ctx: click.Context, source: str, backbones: str | None, heads: str, shots: str, seeds: int, out: str,
+def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists: str | None, heads: str, shots: str, seeds: int, out: str,
           skip_existing: bool, baseline: str | None, finetune_runs: tuple[str, ...], cs: int | None, val_fraction: float,
           test_fraction: float, split_seed: int, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Compare backbones x heads x label budgets x seeds on one labelled dataset, with a report.
@@ -419,7 +421,7 @@ def bench(ctx: click.Context, source: str, backbones: str | None, heads: str, sh
 
     if backbones is not None and ctx.get_parameter_source("backbone") == ParameterSource.COMMANDLINE:
         raise click.UsageError("pass either --backbone or --backbones, not both")
-    names = resolve_backbones(backbones) if backbones is not None else [kw["backbone"]]
+    names = resolve_backbones(backbones, lists_file=backbone_lists) if backbones is not None else [kw["backbone"]]
     if kw["weights"] and len(names) > 1:
         raise click.UsageError(f"--weights names one backbone's weights, but {len(names)} backbones are benched: bench one")
     template = backbone_spec(kw)

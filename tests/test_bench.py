@@ -213,12 +213,15 @@ def test_finetune_run_curves_in_the_report(benched: tuple[pipeline.BenchResult, 
         pipeline.report(out, finetune_runs=[tmp_path / "runs" / "missing"])
 
 
-def test_grid_arguments() -> None:
+def test_grid_arguments(tmp_path: Path) -> None:
     assert parse_shots(["1", "5", "all", "5"]) == [1, 5, "all"]
     with pytest.raises(BenchError, match="neither a number nor 'all'"):
         parse_shots(["ten"])
     assert resolve_backbones("offline-fast,test_resnet") == ["tf_efficientnet_lite0", "mobilenetv2_100", "test_resnet"]
     assert resolve_backbones("test")[:2] == ["test_resnet", "test_efficientnet"]
+    lists = tmp_path / "lists.json"
+    lists.write_text(json.dumps({"mine": ["resnet18", "test_vit"]}))
+    assert resolve_backbones("mine,test_resnet,resnet18", lists_file=lists) == ["resnet18", "test_vit", "test_resnet"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
