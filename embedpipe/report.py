@@ -164,6 +164,7 @@ def _best(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The findings in plain sentences, most important first (plain text; the HTML escapes it)."""
+    scored = [s for s in summaries if s["accuracy_mean"] is not None]
     best = _best(summaries)
     if best is None:
         return ["No run finished: see the failures below."] if errors else ["No results yet."]
@@ -175,6 +176,14 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
         f"(balanced {best['balanced_accuracy_mean'] * POINTS:.1f}%) {seeds}"
         + (f"; always guessing the majority class scores {best['majority_accuracy'] * POINTS:.1f}%." if best.get("majority_accuracy") else ".")
     ]
+    # On imbalanced data accuracy rewards the majority class: say when weighting classes equally ranks another row first.
+    balanced = [s for s in summaries if s["head"] != SCRATCH and s["balanced_accuracy_mean"] is not None]
+    fair = max(balanced, key=lambda s: s["balanced_accuracy_mean"]) if balanced else best
+    noise = max(fair["balanced_accuracy_std"] or 0.0, best["balanced_accuracy_std"] or 0.0)
+    if fair is not best and fair["balanced_accuracy_mean"] - best["balanced_accuracy_mean"] > max(noise, 0.001):
+        fair_labels = "all labels" if fair["shots"] == ALL else f"{fair['shots']} labels per class"
+        lines.append(f"By balanced accuracy (every class weighted equally) the best is {fair['backbone']} + {fair['head']} with "
+                     f"{fair_labels}: {fair['balanced_accuracy_mean'] * POINTS:.1f}% (accuracy {fair['accuracy_mean'] * POINTS:.1f}%).")
     # Cost: the fastest backbone within one point of the best at the same label budget.
     same_budget = [s for s in summaries if s["shots"] == best["shots"] and s["head"] != SCRATCH and s["accuracy_mean"] is not None]
     close = [s for s in same_budget if s["accuracy_mean"] >= best["accuracy_mean"] - 0.01 and s["extract_images_per_second"]]
@@ -188,10 +197,10 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
                 f"against {best['extract_images_per_second']:.0f} img/s."
             )
     # Labels: the best result at the smallest budget, against the best at the largest.
-    budgets = sorted({s["shots"] for s in summaries if s["head"] != SCRATCH}, key=_shots_order)
+    budgets = sorted({s["shots"] for s in scored if s["head"] != SCRATCH}, key=_shots_order)
     if len(budgets) > 1:
         def top(budget: Any) -> dict[str, Any]:
-            return max((s for s in summaries if s["shots"] == budget and s["head"] != SCRATCH), key=lambda s: s["accuracy_mean"])
+            return max((s for s in scored if s["shots"] == budget and s["head"] != SCRATCH), key=lambda s: s["accuracy_mean"])
 
         low, high = top(budgets[0]), top(budgets[-1])
         high_labels = "all labels" if high["shots"] == ALL else f"{high['shots']} per class"
@@ -202,9 +211,9 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
             f"With {budgets[0]} labels per class the best is {low['backbone']} + {low['head']} at {low['accuracy_mean'] * POINTS:.1f}%{below}, "
             f"{(high['accuracy_mean'] - low['accuracy_mean']) * POINTS:.1f} points below the best with {high_labels}."
         )
-    scratch = {(s["backbone"], str(s["shots"])): s for s in summaries if s["head"] == SCRATCH}
+    scratch = {(s["backbone"], str(s["shots"])): s for s in scored if s["head"] == SCRATCH}
     for (backbone, shots), s in scratch.items():
-        frozen = [f for f in summaries if f["backbone"] == backbone and str(f["shots"]) == shots and f["head"] != SCRATCH]
+        frozen = [f for f in scored if f["backbone"] == backbone and str(f["shots"]) == shots and f["head"] != SCRATCH]
         if frozen:
             f = max(frozen, key=lambda f: f["accuracy_mean"])
             lines.append(
