@@ -134,8 +134,8 @@ def backbone_record(config: EmbeddingConfig, labels: np.ndarray, meta: dict[str,
         "class_names": [str(c) for c in meta["class_names"]],
         "n_val": counts["val"],
         "majority_accuracy": float(np.bincount(test).max() / len(test)) if len(test) else None,
-        "selection": "chosen on a held-out share of each head's own training rows, then refit on all of them; "
-                     "the val split is not used for fitting (its accuracy is reported as val_accuracy)",
+        "selection": "chosen on a held-out share of each head's own training rows (kNN: leave-one-out on a share), then "
+                     "refit on all of them; the val split is not used for fitting (its accuracy is reported as val_accuracy)",
     }
 
 
@@ -154,7 +154,8 @@ def head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
         out["head_protocol"] = (f"multinomial logistic regression ({merged['solver']} L-BFGS), features {out['head_normalisation']}, "
                                 f"C from {out['c_grid']} on a {merged['val_fraction']:g} hold-out, then refit")
     elif kind == "knn":
-        k = f"k={merged['k']}" if merged["k"] else f"k from {tuple(merged['k_grid'])} on a {merged['val_fraction']:g} hold-out"
+        k = (f"k={merged['k']}" if merged["k"] else
+             f"k from {tuple(merged['k_grid'])} by leave-one-out on a {merged['val_fraction']:g} share of the training rows")
         out["head_protocol"] = f"cosine kNN, votes weighted exp(similarity / {merged['temperature']:g}); {k}"
     elif kind == "mlp":
         out["head_protocol"] = (f"MLP hidden {merged['hidden']}, dropout {merged['dropout']:g}, {merged['optimizer']} lr {merged['lr']:g}, "
