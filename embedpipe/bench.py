@@ -134,8 +134,8 @@ def backbone_record(config: EmbeddingConfig, labels: np.ndarray, meta: dict[str,
         "class_names": [str(c) for c in meta["class_names"]],
         "n_val": counts["val"],
         "majority_accuracy": float(np.bincount(test).max() / len(test)) if len(test) else None,
-        "selection": "chosen on a held-out share of each head's own training rows (kNN: leave-one-out on a share), then "
-                     "refit on all of them; the val split is not used for fitting (its accuracy is reported as val_accuracy)",
+        "selection": "among each head's own training rows only (see each head's settings); the val split is not used "
+                     "for fitting (its accuracy is reported as val_accuracy)",
     }
 
 
@@ -160,7 +160,7 @@ def head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
     elif kind == "mlp":
         out["head_protocol"] = (f"MLP hidden {merged['hidden']}, dropout {merged['dropout']:g}, {merged['optimizer']} lr {merged['lr']:g}, "
                                 f"weight decay {merged['weight_decay']:g}, up to {merged['max_epochs']} epochs, early stopping "
-                                f"(patience {merged['patience']}) on a {merged['val_fraction']:g} hold-out")
+                                f"(patience {merged['patience']}) on a {merged['val_fraction']:g} hold-out, best epoch kept, no refit")
     return out
 
 
