@@ -51,7 +51,8 @@ def _progress_factory(quiet: bool) -> Callable[[str, int], Any]:
         from tqdm import tqdm
 
         # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
-        with tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
+        unit = "fit" if stage.endswith("fits") else "img"  # bench counts head fits
+        with tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
             yield bar.update
 
     return factory

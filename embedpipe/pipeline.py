@@ -761,6 +761,26 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
     return records
 
 
+def _bench_cell(embeddings: Path, backbone: str, cell: tuple[str, dict[str, Any], int | str, int, str],
+                fields: dict[str, Any]) -> dict[str, Any]:
+    """Fit one head of the grid on a backbone's cached features; its run record, or its failure record."""
+    from .bench import ALL, fit_metrics, head_protocol
+    from .heads import HEADS
+
+    kind, params, budget, seed, key = cell
+    record = {**fields, "record": "run", "created": _now(), "run_id": key, "head": kind, "shots": budget,
+              "seed": seed, "head_params": json.dumps(params, sort_keys=True), **head_protocol(kind, params)}
+    accepted = HEADS[kind]().get_params()
+    fit_params = {**({"random_state": seed} if "random_state" in accepted else {}), **params}
+    try:
+        fit = fit_head(embeddings, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed, holdout=True)
+    except Exception as error:  # noqa: BLE001 - a head that cannot fit (too few labels, out of memory) becomes a row
+        logger.warning("%s + %s, shots %s, seed %s failed: %s", backbone, kind, budget, seed, error)
+        return {**record, "record": "error", "error": str(error), "error_type": type(error).__name__}
+    return {**record, **fit_metrics(fit.metrics, fit.chosen, n_train=fit.n_train, fit_seconds=fit.fit_seconds,
+                                    classes=fit.head.classes_)}
+
+
 def bench(
     source: str | Path,
     backbones: Sequence[str | BackboneSpec],
@@ -806,8 +826,8 @@ def bench(
         progress: progress bar factory for the extractions.
     """
     from .backbone import parameter_count, resolve_device
-    from .bench import (ALL, BENCH_FORMAT, FINETUNE_DIR, THROUGHPUT_SAMPLE, BenchError, PeakMemory, backbone_record,
-                        environment, fit_metrics, head_protocol, parse_shots, read_results, run_key, session_id, write_results)
+    from .bench import (BENCH_FORMAT, THROUGHPUT_SAMPLE, BenchError, PeakMemory, backbone_record, environment, parse_shots,
+                        read_results, run_key, session_id, write_results)
     from .heads import HEADS
     from .report import read_finetune_run, render, summarise
 
@@ -887,21 +907,11 @@ def bench(
             "extract_seconds": extracted.seconds, "cache_hit": extracted.cache_hit, "peak_memory_bytes": peak,
             "peak_memory_kind": memory.kind, "device": device, "embeddings_file": str(extracted.path),
         }
-        for kind, params, budget, seed, key in todo:
-            record = {**backbone_fields, "record": "run", "created": _now(), "run_id": key, "head": kind, "shots": budget,
-                      "seed": seed, "head_params": json.dumps(params, sort_keys=True), **head_protocol(kind, params)}
-            accepted = HEADS[kind]().get_params()
-            fit_params = {**({"random_state": seed} if "random_state" in accepted else {}), **params}
-            try:
-                fit = fit_head(extracted.path, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed,
-                               holdout=True)
-            except Exception as error:  # noqa: BLE001 - a head that cannot fit (too few labels, out of memory) becomes a row
-                logger.warning("%s + %s, shots %s, seed %s failed: %s", spec.name, kind, budget, seed, error)
-                records.append({**record, "record": "error", "error": str(error), "error_type": type(error).__name__})
-                continue
-            fitted += 1
-            records.append({**record, **fit_metrics(fit.metrics, fit.chosen, n_train=fit.n_train, fit_seconds=fit.fit_seconds,
-                                                    classes=fit.head.classes_)})
+        with progress(f"{spec.name}: head fits", len(todo)) as advance:
+            for cell in todo:
+                records.append(_bench_cell(extracted.path, spec.name, cell, backbone_fields))
+                fitted += records[-1]["record"] == "run"
+                advance(1)
         save()
     if baseline == "scratch":
         for spec in specs:
@@ -909,12 +919,7 @@ def bench(
             records += _scratch_records(source, spec, shots=budgets, seeds=seed_list, out=out, split=split, run=run, common=common,
                                         previous=previous)
             save()
-    if finetune_runs:
-        for folder in finetune_runs:
-            target = out / FINETUNE_DIR / Path(folder).resolve().name
-            target.mkdir(parents=True, exist_ok=True)
-            for name in ("metrics.jsonl", "summary.json"):
-                shutil.copyfile(Path(folder) / name, target / name)
+    _keep_finetune_runs(out, finetune_runs)
     save()
     stored = read_results(out)  # render from what is stored, so `embedpipe report` gives the same bytes
     result = render(out, stored)
@@ -932,7 +937,7 @@ def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> Repo
     Returns:
         What was rendered (:class:`embedpipe.report.ReportResult`).
     """
-    from .bench import FINETUNE_DIR, BenchError, read_results
+    from .bench import BenchError, read_results
     from .report import read_finetune_run, render
 
     out = Path(out)
@@ -940,12 +945,20 @@ def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> Repo
     if not records:
         raise BenchError(f"{out} has no results.json: pass a folder written by `embedpipe bench --out`")
     for folder in finetune_runs:
-        read_finetune_run(folder)
+        read_finetune_run(folder)  # all readable before any is copied
+    _keep_finetune_runs(out, finetune_runs)
+    return render(out, records)
+
+
+def _keep_finetune_runs(out: Path, folders: Sequence[str | Path]) -> None:
+    """Copy fine-tune runs' ``metrics.jsonl`` and ``summary.json`` into ``out/finetune/<name>/``, so the report re-renders alone."""
+    from .bench import FINETUNE_DIR
+
+    for folder in folders:
         target = out / FINETUNE_DIR / Path(folder).resolve().name
         target.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", "summary.json"):
             shutil.copyfile(Path(folder) / name, target / name)
-    return render(out, records)
 
 
 def _now() -> str:
