@@ -37,7 +37,7 @@ from .cache import (
 )
 from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of, sha256_file
 from .data import Dataset, load_dataset
-from .errors import CacheError, EmbedpipeError, ImageDecodeError
+from .errors import CacheError, ImageDecodeError
 
 if TYPE_CHECKING:
     from .report import ReportResult
