@@ -732,13 +732,15 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
 
     Each (shots, seed) trains into ``out/scratch/<backbone>-<shots>-s<seed>/`` and becomes a record with
     ``head == "scratch"`` (:func:`embedpipe.bench.scratch_record`, read from that run's ``summary.json``),
-    which the report draws dashed on the shots plot. The call follows the fine-tune stage's signature
-    ``fine_tune(source, backbone=..., *, out=..., config=...)``; check FineTuneConfig's field names
-    (label budget, seed) when the two branches meet.
+    which the report draws dashed on the shots plot. The settings are the fine-tune stage's own recipe
+    for a from-scratch baseline (every layer trains, no head-only phase, BatchNorm in train mode, LR 1e-3).
+    ``fine_tune`` has no label budget yet, so a budget other than ``all`` becomes a failure row saying
+    so; the frozen heads' few-shot rows (``few_shot_indices`` on the train split, same seed) are the
+    ones to pass it when it gets one.
     """
     from dataclasses import replace
 
-    from .bench import SCRATCH, run_key, scratch_record
+    from .bench import ALL, SCRATCH, BenchError, run_key, scratch_record
 
     fine_tune = _fine_tune_stage()
     from .config import FineTuneConfig  # type: ignore[attr-defined]  # arrives with the fine-tune stage
@@ -751,10 +753,13 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
                 records.append(previous[key])
                 continue
             run_dir = out / "scratch" / f"{spec.name}-{budget}-s{seed}"
+            error: BaseException | None = None
             try:
-                fine_tune(source, backbone=replace(spec, pretrained=False), out=run_dir, run=run,
-                          config=FineTuneConfig(shots=None if budget == "all" else budget, seed=seed))
-                error = None
+                if budget != ALL:
+                    raise BenchError(f"--baseline scratch with {budget} labels per class needs a label budget in the fine-tune "
+                                     "stage, which it does not take yet: use --shots all for the scratch rows")
+                fine_tune(source, replace(spec, pretrained=False), out=run_dir, split=split, run=run,
+                          config=FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=seed))
             except Exception as failure:  # noqa: BLE001 - a failed baseline run becomes a row, like any other
                 error = failure
             records.append(scratch_record(common, spec=spec, split=split, shots=budget, seed=seed, run_dir=run_dir, error=error))

@@ -195,6 +195,41 @@ def _finetune_run(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.skipif(hasattr(pipeline, "fine_tune"), reason="the real fine-tune stage is present: test --baseline scratch with it")
+def test_baseline_scratch_wiring_with_a_stand_in_stage(image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until the fine-tune stage is merged: a stand-in with its signature that writes a run folder, to check the rows."""
+    import dataclasses
+
+    import embedpipe.config
+
+    @dataclasses.dataclass(frozen=True)
+    class FineTuneConfig:  # the fields the hook sets
+        unfreeze: str = "top:2"
+        head_epochs: int = 1
+        train_bn: bool = False
+        lr: float = 1e-4
+        seed: int = 0
+
+    calls = []
+
+    def fine_tune(source: Any, backbone: BackboneSpec, *, out: Path, config: Any, split: Any, run: Any) -> None:
+        calls.append((backbone.pretrained, config))
+        _finetune_run(Path(out))
+
+    monkeypatch.setattr(pipeline, "fine_tune", fine_tune, raising=False)
+    monkeypatch.setattr(embedpipe.config, "FineTuneConfig", FineTuneConfig, raising=False)
+    result = _bench(image_tree, tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",), seeds=1,
+                    baseline="scratch")
+    assert calls == [(False, FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=0))]
+    scratch = [r for r in result.records if r["head"] == "scratch" and r["record"] != "summary"]
+    assert [(r["record"], str(r["shots"])) for r in scratch] == [("error", "2"), ("run", "all")]
+    assert "needs a label budget" in scratch[0]["error"] and scratch[1]["accuracy"] == pytest.approx(0.87)
+    assert ("test_resnet", "scratch") in result.report.series
+    again = _bench(image_tree, tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",), seeds=1,
+                   baseline="scratch", skip_existing=True)
+    assert len(calls) == 1 and again.fitted == 0  # the finished scratch run is kept
+
+
 def test_finetune_run_curves_in_the_report(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
     result, _ = benched
     out = _copy(result.out, tmp_path)
