@@ -252,3 +252,15 @@ def load_backbone(
 
 def with_outputs(config: EmbeddingConfig, outputs: tuple[str, ...]) -> EmbeddingConfig:
     return replace(config, outputs=_validate_outputs(outputs))
+
+
+def parameter_count(name: str) -> int:
+    """Number of parameters of a timm architecture, counted on the meta device (no memory, no weights)."""
+    import torch
+
+    timm = _timm()
+    arch, _ = split_name(name)
+    _check_known(arch)
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    return int(sum(p.numel() for p in model.parameters()))

@@ -51,7 +51,8 @@ def _progress_factory(quiet: bool) -> Callable[[str, int], Any]:
         from tqdm import tqdm
 
         # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
-        with tqdm(total=total, desc=stage, unit="img", dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
+        unit = "fit" if stage.endswith("fits") else "img"  # bench counts head fits
+        with tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
             yield bar.update
 
     return factory
@@ -372,6 +373,122 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
         writer.writerow(["path", "label", *[f"{kind}{i + 1}" for i in range(width) for kind in ("class", "probability")]])
         for r in records:
             writer.writerow([r["path"], r["label"], *[v for t in r["top"] for v in (t["class"], t["probability"])]])
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--backbones", default=None,
+              help="Comma list of timm names and/or named lists from benchmarks/backbones.json "
+                   "(offline, offline-fast, small, standard, test) [default: --backbone].")
+@click.option("--backbone-lists", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A JSON file of named backbone lists (name -> [timm names]) [default: benchmarks/backbones.json].")
+@backbone_options
+@click.option("--heads", default="logreg,knn", show_default=True, help="Comma list of heads: logreg, knn, mlp.")
+@click.option("--shots", default="all", show_default=True,
+              help="Comma list of labelled training images per class; all = the whole train split.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds 0..N-1: each draws the few-shot sample and seeds the head.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Results folder: results.csv, results.json, report.html, *.png; {machine} becomes the machine's name.")
+@click.option("--skip-existing", is_flag=True, help="Resume: keep finished runs stored in OUT whose inputs are unchanged.")
+@click.option("--baseline", type=click.Choice(["scratch"]), default=None,
+              help="Also train each architecture from random init on each label budget (needs the fine-tune stage).")
+@click.option("--finetune-run", "finetune_runs", multiple=True, type=click.Path(file_okay=False),
+              help="A fine-tune run folder (metrics.jsonl, summary.json) to show in the report; repeatable.")
+@click.option("--cs", type=int, default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and failure records as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the table.")
+@click.pass_context
+@_handle_errors
+def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists: str | None, heads: str, shots: str, seeds: int, out: str,
+          skip_existing: bool, baseline: str | None, finetune_runs: tuple[str, ...], cs: int | None, val_fraction: float,
+          test_fraction: float, split_seed: int, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Compare backbones x heads x label budgets x seeds on one labelled dataset, with a report.
+
+    Each backbone is extracted once through the cache; every head fits on the cached features with only
+    its training rows' labels and is scored on the same test split. A failing backbone becomes a row
+    with its error. Writes OUT/results.csv, results.json, report.html and the plots.
+
+    \b
+    Example:
+        embedpipe bench data/flowers --backbones offline --heads logreg,knn,mlp --shots 1,5,10,all --seeds 3 --out reports/flowers
+        embedpipe bench data/flowers --backbones tf_efficientnet_lite0,resnet50.a1_in1k --out reports/flowers --skip-existing
+        embedpipe report reports/flowers
+    """
+    from dataclasses import replace
+
+    from click.core import ParameterSource
+
+    from .bench import parse_shots, resolve_backbones
+    from .config import SplitConfig
+    from .pipeline import bench as run_bench
+    from .report import text_table
+
+    if backbones is not None and ctx.get_parameter_source("backbone") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("pass either --backbone or --backbones, not both")
+    names = resolve_backbones(backbones, lists_file=backbone_lists) if backbones is not None else [kw["backbone"]]
+    if kw["weights"] and len(names) > 1:
+        raise click.UsageError(f"--weights names one backbone's weights, but {len(names)} backbones are benched: bench one")
+    template = backbone_spec(kw)
+    run = run_config(kw)
+    quiet = ctx.obj["quiet"] or quiet or as_json
+    result = run_bench(
+        source,
+        [replace(template, name=name) for name in names],
+        heads=[h.strip() for h in heads.split(",") if h.strip()],
+        shots=parse_shots(shots.split(",")),
+        seeds=seeds,
+        out=out,
+        cache_dir=kw.pop("cache_dir"),
+        split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed),
+        run=run,
+        skip_existing=skip_existing,
+        head_params={"logreg": {"Cs": cs}} if cs is not None else None,
+        baseline=baseline,
+        finetune_runs=finetune_runs,
+        progress=_progress_factory(quiet),
+    )
+    if as_json:
+        click.echo(json.dumps({"summaries": result.summaries, "errors": result.errors}, indent=2, default=str))
+    else:
+        click.echo(text_table(result.summaries, result.errors))
+        if not quiet:
+            for line in result.report.headline:
+                click.echo(line, err=True)
+            resumed = f", {result.reused} from stored results" if result.reused else ""
+            click.echo(f"{result.fitted} head fits{resumed}; report: {result.report.html}", err=True)
+    if not result.summaries:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--finetune-run", "finetune_runs", multiple=True, type=click.Path(file_okay=False),
+              help="A fine-tune run folder (metrics.jsonl, summary.json) to add to the report; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary records as JSON.")
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (for a README).")
+@_handle_errors
+def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bool) -> None:
+    """Re-render OUT/report.html and the plots from a bench's stored results; prints the table.
+
+    \b
+    Example:
+        embedpipe report reports/flowers
+        embedpipe report reports/flowers --finetune-run runs/flowers-lite0
+    """
+    from .pipeline import report as run_report
+    from .report import markdown_table, text_table
+
+    result = run_report(out, finetune_runs=finetune_runs)
+    if as_json:
+        click.echo(json.dumps(result.summaries, indent=2, default=str))
+        return
+    errors = [r for r in json.loads((Path(out) / "results.json").read_text()) if r.get("error")]
+    click.echo((markdown_table if markdown else text_table)(result.summaries, errors))
+    click.echo(f"report: {result.html}", err=True)
 
 
 @cli.command("example-data")

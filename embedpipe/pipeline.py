@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import numpy as np
 
@@ -39,6 +40,9 @@ from .data import Dataset, load_dataset
 from .distributed import rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
+
+if TYPE_CHECKING:
+    from .report import ReportResult
 
 logger = logging.getLogger(__name__)
 
@@ -532,6 +536,7 @@ def fit_head(
     shots: int | None = None,
     seed: int = 0,
     output: str = "embeddings",
+    holdout: bool = False,
 ) -> FitResult:
     """Fit a head on an exported file's train split, choose its hyper-parameter on val, report every split.
 
@@ -543,6 +548,9 @@ def fit_head(
         shots: keep only this many training images per class (few-shot), chosen by ``seed``.
         seed: few-shot sampling seed.
         output: which stored output to train on.
+        holdout: ignore the val split while fitting: the head holds out its own validation share of
+            the training rows to choose its hyper-parameter, so it sees no labels but those rows'
+            (how ``bench`` counts a label budget); val is then scored as unseen data.
     """
     from .errors import HeadError
     from .evaluate import classification_metrics, diagnose
@@ -572,7 +580,7 @@ def fit_head(
     head = HEADS[kind](**(params or {}))
     val = parts["val"]
     started = time.perf_counter()
-    if len(val) and set(np.unique(names[val])) <= set(np.unique(names[train])):
+    if not holdout and len(val) and set(np.unique(names[val])) <= set(np.unique(names[train])):
         head.fit(X[train], names[train], X_val=X[val], y_val=names[val])
     else:
         head.fit(X[train], names[train])  # the head holds out its own validation share
@@ -581,7 +589,7 @@ def fit_head(
     for name, rows in (("train", train), ("val", val), ("test", parts["test"])):
         if len(rows):
             scorer = head
-            if name == "val" and kind in _REFIT_ON_VAL:
+            if name == "val" and kind in _REFIT_ON_VAL and not holdout:
                 # This head refits on train + val, so it has seen val: score val with the same
                 # hyper-parameter fitted on train alone.
                 scorer = clone(head).set_params(**_REFIT_ON_VAL[kind](head)).fit(X[train], names[train])
@@ -611,7 +619,8 @@ def fit_head(
                 "cache_key": meta["cache_key"],
                 "class_names": classes.tolist(),
                 "trained_on": {"file": str(Path(embeddings).resolve()), "dataset_fingerprint": meta["dataset_fingerprint"],
-                               "rows": int(len(train)), "shots": shots, "seed": seed},
+                               "rows": int(len(train)), "shots": shots, "seed": seed,
+                               "holdout": holdout},
                 "metrics": metrics,
                 "chosen": result.chosen,
                 "fit_seconds": fit_seconds,
@@ -712,5 +721,295 @@ def predict(
     return predictions, result.failed
 
 
-__all__ = ["ExtractResult", "FitResult", "Prediction", "cache_info", "cache_list", "cache_remove", "cache_verify",
-           "evaluate", "extract", "fit_head", "load", "predict", "resolve"]
+# --------------------------------------------------------------------------- bench and report
+
+
+@dataclass
+class BenchResult:
+    """What :func:`bench` did."""
+
+    out: Path  # the results folder
+    records: list[dict[str, Any]]  # every record written to results.json (runs, failures, summaries)
+    summaries: list[dict[str, Any]]  # one per (backbone, head, shots), mean and std over seeds
+    errors: list[dict[str, Any]]  # the failure records
+    fitted: int  # head fits run now (the rest came from --skip-existing)
+    reused: int  # runs taken from the stored results
+    report: ReportResult  # what was rendered: report.html, the plots, the headline
+
+
+def _throughput_sample(spec: BackboneSpec, config: EmbeddingConfig, paths: list[Path], device: str, run: RunConfig) -> tuple[float | None, int | None]:
+    """Images/s and peak memory of the extraction loop on a few images, for backbones that came from the cache."""
+    from .backbone import load_backbone
+    from .bench import PeakMemory
+    from .inference import embed, prepare_model
+
+    if not paths:
+        return None, None
+    with PeakMemory(device) as memory:
+        model = prepare_model(load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained), device, run)
+        done = 0
+        started = time.perf_counter()
+        for batch in embed(model, paths, config, device=device, run=run):
+            done += len(batch.rows)
+        seconds = time.perf_counter() - started
+    return (done / seconds if done and seconds > 0 else None), memory.peak_bytes
+
+
+def _fine_tune_stage() -> Callable[..., Any]:
+    """The fine-tune stage's library function, which ``--baseline scratch`` trains with."""
+    stage = globals().get("fine_tune")
+    if stage is None:
+        from .bench import BenchError
+
+        raise BenchError("--baseline scratch needs the fine-tune stage (embedpipe.pipeline.fine_tune), which this embedpipe "
+                         "does not have: run the bench without --baseline, or install an embedpipe with `embedpipe fine-tune`")
+    return stage
+
+
+def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int | str], seeds: list[int], out: Path,
+                     split: SplitConfig, run: RunConfig, common: dict[str, Any],
+                     previous: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``--baseline scratch``: the same architecture trained from random initialisation on each label budget.
+
+    Each (shots, seed) trains into ``out/scratch/<backbone>-<shots>-s<seed>/`` and becomes a record with
+    ``head == "scratch"`` (:func:`embedpipe.bench.scratch_record`, read from that run's ``summary.json``),
+    which the report draws dashed on the shots plot. The settings are the fine-tune stage's own recipe
+    for a from-scratch baseline (every layer trains, no head-only phase, BatchNorm in train mode, LR 1e-3).
+    ``fine_tune`` has no label budget yet, so a budget other than ``all`` becomes a failure row saying
+    so; the frozen heads' few-shot rows (``few_shot_indices`` on the train split, same seed) are the
+    ones to pass it when it gets one.
+    """
+    from dataclasses import replace
+
+    from .bench import ALL, SCRATCH, BenchError, run_key, scratch_record
+
+    fine_tune = _fine_tune_stage()
+    from .config import FineTuneConfig  # type: ignore[attr-defined]  # arrives with the fine-tune stage
+
+    records = []
+    for budget in shots:
+        for seed in seeds:
+            key = run_key(source=common["source"], spec=spec, split=split, head=SCRATCH, params={}, shots=budget, seed=seed)
+            if key in previous:  # --skip-existing
+                records.append(previous[key])
+                continue
+            run_dir = out / "scratch" / f"{spec.name}-{budget}-s{seed}"
+            error: BaseException | None = None
+            try:
+                if budget != ALL:
+                    raise BenchError(f"--baseline scratch with {budget} labels per class needs a label budget in the fine-tune "
+                                     "stage, which it does not take yet: use --shots all for the scratch rows")
+                fine_tune(source, replace(spec, pretrained=False), out=run_dir, split=split, run=run,
+                          config=FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=seed))
+            except Exception as failure:  # noqa: BLE001 - a failed baseline run becomes a row, like any other
+                error = failure
+            records.append(scratch_record(common, spec=spec, split=split, shots=budget, seed=seed, run_dir=run_dir, error=error))
+    return records
+
+
+def _bench_cell(embeddings: Path, backbone: str, cell: tuple[str, dict[str, Any], int | str, int, str],
+                fields: dict[str, Any]) -> dict[str, Any]:
+    """Fit one head of the grid on a backbone's cached features; its run record, or its failure record."""
+    from .bench import ALL, fit_metrics, head_protocol
+    from .heads import HEADS
+
+    kind, params, budget, seed, key = cell
+    record = {**fields, "record": "run", "created": _now(), "run_id": key, "head": kind, "shots": budget,
+              "seed": seed, "head_params": json.dumps(params, sort_keys=True), **head_protocol(kind, params)}
+    accepted = HEADS[kind]().get_params()
+    fit_params = {**({"random_state": seed} if "random_state" in accepted else {}), **params}
+    try:
+        fit = fit_head(embeddings, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed, holdout=True)
+    except Exception as error:  # noqa: BLE001 - a head that cannot fit (too few labels, out of memory) becomes a row
+        logger.warning("%s + %s, shots %s, seed %s failed: %s", backbone, kind, budget, seed, error)
+        return {**record, "record": "error", "error": str(error), "error_type": type(error).__name__}
+    return {**record, **fit_metrics(fit.metrics, fit.chosen, n_train=fit.n_train, fit_seconds=fit.fit_seconds,
+                                    classes=fit.head.classes_)}
+
+
+def bench(
+    source: str | Path,
+    backbones: Sequence[str | BackboneSpec],
+    *,
+    heads: Sequence[str] = ("logreg", "knn"),
+    shots: Sequence[int | str] = ("all",),
+    seeds: int | Sequence[int] = 3,
+    out: str | Path,
+    cache_dir: str | Path = "cache",
+    split: SplitConfig | None = None,
+    run: RunConfig = RunConfig(),
+    skip_existing: bool = False,
+    head_params: dict[str, dict[str, Any]] | None = None,
+    baseline: str | None = None,
+    finetune_runs: Sequence[str | Path] = (),
+    progress: ProgressFactory = _no_progress,
+) -> BenchResult:
+    """Backbones x heads x shots x seeds on one dataset: one extraction per backbone, every head on its cached features.
+
+    Every head sees only its training rows' labels (``shots`` per class drawn by the seed, or the
+    whole train split for ``"all"``) and chooses its hyper-parameter on a share of them it holds out;
+    every row is scored on the same test split. A backbone or a fit that fails becomes a record with
+    its error and the grid goes on. Results are written after each backbone, so a killed bench
+    resumes with ``skip_existing``.
+
+    Args:
+        source: folder tree or CSV manifest of labelled images.
+        backbones: timm names or :class:`BackboneSpec` (weights, precision, preprocessing, pretrained).
+        heads: names in :data:`embedpipe.heads.HEADS`.
+        shots: training images per class, ints or ``"all"``.
+        seeds: how many seeds (0..n-1), or the seeds themselves; a seed draws the few-shot sample and seeds the head.
+        out: results folder: ``results.json``, ``results.csv``, ``report.html``, ``*.png``; ``{machine}`` in
+            it becomes the machine's name (``cpu-amd-epyc-2c``), as in benchmarks/results/.
+        cache_dir: the embedding cache (already cached backbones are not recomputed).
+        split: how to split data that comes without a split.
+        run: device, batch size, workers.
+        skip_existing: keep finished runs from ``out/results.json`` whose inputs are unchanged (same
+            run id); failed ones are retried.
+        head_params: head name -> keyword parameters (e.g. ``{"logreg": {"Cs": 20}}``).
+        baseline: ``"scratch"``: also train each architecture from random initialisation on each
+            label budget (needs the fine-tune stage).
+        finetune_runs: fine-tune run folders to show in the report (copied into ``out/finetune/``).
+        progress: progress bar factory for the extractions.
+    """
+    from .backbone import parameter_count, resolve_device
+    from .bench import (BENCH_FORMAT, THROUGHPUT_SAMPLE, BenchError, PeakMemory, backbone_record, environment, parse_shots,
+                        read_results, run_key, session_id, write_results)
+    from .heads import HEADS
+    from .report import read_finetune_run, render, summarise
+
+    split = split or SplitConfig()
+    specs = [_spec(b) for b in backbones]
+    if not specs:
+        raise BenchError("no backbones to bench: pass at least one")
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown or not heads:
+        raise BenchError(f"unknown head(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(HEADS)}")
+    budgets = parse_shots(list(shots))
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(dict.fromkeys(seeds))
+    if not seed_list:
+        raise BenchError("no seeds: pass --seeds 1 or more")
+    if baseline not in (None, "scratch"):
+        raise BenchError(f"unknown --baseline {baseline!r}: the one baseline is 'scratch'")
+    if baseline == "scratch":
+        _fine_tune_stage()  # fail before hours of extraction, not after
+    for folder in finetune_runs:
+        read_finetune_run(folder)  # fail early on a wrong folder
+    head_params = head_params or {}
+    dataset = load_dataset(source, split=split)
+    source_id = str(dataset.root)
+    device = resolve_device(run.device)
+    env = {f"env_{k}": v for k, v in environment(device).items()}
+    out = Path(str(out).replace("{machine}", env["env_machine"]))  # results folders name the machine they ran on
+    session = session_id()
+    previous = {}
+    if skip_existing:
+        previous = {r["run_id"]: r for r in read_results(out) if r.get("record") == "run" and not r.get("error")}
+    elif (out / "results.json").exists():
+        logger.info("overwriting %s (pass skip_existing to resume it)", out / "results.json")
+
+    records: list[dict[str, Any]] = []
+    fitted = reused = 0
+
+    def save() -> None:
+        write_results(out, records + summarise(records))
+
+    for spec in specs:
+        base = {"bench_format": BENCH_FORMAT, "session": session, "dataset": dataset.name, "source": source_id, "backbone": spec.name,
+                "pretrained": spec.pretrained, **env}
+        cells = []
+        for kind in heads:
+            params = {**head_params.get(kind, {})}
+            for budget in budgets:
+                for seed in seed_list:
+                    key = run_key(source=source_id, spec=spec, split=split, head=kind, params=params, shots=budget, seed=seed)
+                    cells.append((kind, params, budget, seed, key))
+        todo = [c for c in cells if c[4] not in previous]
+        records += [previous[c[4]] for c in cells if c[4] in previous]
+        reused += len(cells) - len(todo)
+        if not todo:
+            logger.info("%s: every run is in the stored results", spec.name)
+            continue
+        try:
+            with PeakMemory(device) as memory:
+                extracted = extract(source, spec, cache_dir=cache_dir, split=split, run=run, progress=progress)
+            config = resolve(spec, device)
+            rate, peak, how = extracted.images_per_second, memory.peak_bytes, "extraction"
+            if rate is None or extracted.computed < min(THROUGHPUT_SAMPLE, extracted.num_images):
+                sample = [r.path for r in dataset.records[:THROUGHPUT_SAMPLE]]
+                rate, peak = _throughput_sample(spec, config, sample, device, run)
+                how = f"sample of {len(sample)} images"
+            params_count = parameter_count(spec.name)
+        except Exception as error:  # noqa: BLE001 - any backbone failure (name, weights, memory) becomes a row
+            logger.warning("%s failed: %s", spec.name, error)
+            records.append({**base, "record": "error", "created": _now(), "run_id": "", "head": None, "shots": None, "seed": None,
+                            "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
+                            "error_type": type(error).__name__})
+            save()
+            continue
+        _, labels, meta = load(extracted.path, output="embeddings")
+        backbone_fields = {
+            **base, **backbone_record(config, labels, meta, split), "embedding_dim": extracted.dims.get(OUTPUT_EMBEDDING),
+            "param_count": params_count, "extract_images_per_second": rate, "throughput_source": how,
+            "extract_seconds": extracted.seconds, "cache_hit": extracted.cache_hit, "peak_memory_bytes": peak,
+            "peak_memory_kind": memory.kind, "device": device, "embeddings_file": str(extracted.path),
+        }
+        with progress(f"{spec.name}: head fits", len(todo)) as advance:
+            for cell in todo:
+                records.append(_bench_cell(extracted.path, spec.name, cell, backbone_fields))
+                fitted += records[-1]["record"] == "run"
+                advance(1)
+        save()
+    if baseline == "scratch":
+        for spec in specs:
+            common = {"bench_format": BENCH_FORMAT, "session": session, "dataset": dataset.name, "source": source_id, **env}
+            records += _scratch_records(source, spec, shots=budgets, seeds=seed_list, out=out, split=split, run=run, common=common,
+                                        previous=previous)
+            save()
+    _keep_finetune_runs(out, finetune_runs)
+    save()
+    stored = read_results(out)  # render from what is stored, so `embedpipe report` gives the same bytes
+    result = render(out, stored)
+    errors = [r for r in stored if r.get("error")]
+    return BenchResult(out=out, records=stored, summaries=result.summaries, errors=errors, fitted=fitted, reused=reused, report=result)
+
+
+def report(out: str | Path, *, finetune_runs: Sequence[str | Path] = ()) -> ReportResult:
+    """Re-render ``report.html`` and the plots of a bench folder from its ``results.json``.
+
+    Args:
+        out: a folder written by :func:`bench`.
+        finetune_runs: more fine-tune run folders to show (copied into ``out/finetune/``).
+
+    Returns:
+        What was rendered (:class:`embedpipe.report.ReportResult`).
+    """
+    from .bench import BenchError, read_results
+    from .report import read_finetune_run, render
+
+    out = Path(out)
+    records = read_results(out)
+    if not records:
+        raise BenchError(f"{out} has no results.json: pass a folder written by `embedpipe bench --out`")
+    for folder in finetune_runs:
+        read_finetune_run(folder)  # all readable before any is copied
+    _keep_finetune_runs(out, finetune_runs)
+    return render(out, records)
+
+
+def _keep_finetune_runs(out: Path, folders: Sequence[str | Path]) -> None:
+    """Copy fine-tune runs' ``metrics.jsonl`` and ``summary.json`` into ``out/finetune/<name>/``, so the report re-renders alone."""
+    from .bench import FINETUNE_DIR
+
+    for folder in folders:
+        target = out / FINETUNE_DIR / Path(folder).resolve().name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "summary.json"):
+            shutil.copyfile(Path(folder) / name, target / name)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+
+
+__all__ = ["BenchResult", "ExtractResult", "FitResult", "Prediction", "bench", "cache_info", "cache_list", "cache_remove",
+           "cache_verify", "evaluate", "extract", "fit_head", "load", "predict", "report", "resolve"]
