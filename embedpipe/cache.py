@@ -56,6 +56,7 @@ COMPACT_ROWS = 65536  # ...into shards of at most this many rows (bounded memory
 _STR = h5py.string_dtype()
 
 Progress = Callable[[int], None]
+_HASH_SLICE = 2048  # files hashed, then saved to the index, at a time
 
 
 def dataset_name_for(output: str) -> str:
@@ -146,18 +147,18 @@ class FileIndex:
                 progress(len(stats) - len(stale))
             if stale:
                 logger.info("hashing %d new or changed files", len(stale))
-            batch: list[tuple[str, int, int, int, str]] = []
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                hashed = pool.map(lambda i: (i, sha256_file(Path(stats[i][0]))), stale)
-                for i, digest in hashed:
-                    result[i] = digest
-                    batch.append((*stats[i], digest))
-                    if progress:
-                        progress(1)
-                    if len(batch) >= 2048:  # a killed scan keeps what it hashed
-                        self._save(connection, batch)
-                        batch = []
-            self._save(connection, batch)
+                # In slices: pool.map submits every task at once, and a million pending futures
+                # held ~2 KB each (peak RSS grew 1.17x from 1k to 32k images).
+                for start in range(0, len(stale), _HASH_SLICE):
+                    part = stale[start : start + _HASH_SLICE]
+                    batch = []
+                    for i, digest in zip(part, pool.map(lambda i: sha256_file(Path(stats[i][0])), part)):
+                        result[i] = digest
+                        batch.append((*stats[i], digest))
+                        if progress:
+                            progress(1)
+                    self._save(connection, batch)  # a killed scan keeps what it hashed
         except OSError as error:
             raise CacheError(f"cannot read {error.filename} ({error.strerror}): check it exists and is readable") from None
         finally:
