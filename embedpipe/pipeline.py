@@ -42,6 +42,7 @@ from .config import (
     FineTuneConfig,
     RunConfig,
     SplitConfig,
+    canonical_json,
     digest_of,
     sha256_file,
 )
@@ -786,7 +787,8 @@ def fine_tune(
     if init_head is not None:
         probe, head_info = load_head(init_head)
         theirs = head_info.get("embedding_config") or {}
-        differs = [k for k in ("backbone", "weights", "preprocess") if theirs.get(k) != embedding.to_dict()[k]]
+        ours = embedding.to_dict()
+        differs = [k for k in ("backbone", "weights", "preprocess") if canonical_json(theirs.get(k)) != canonical_json(ours[k])]
         if differs:
             raise HeadError(
                 f"{init_head} was fitted on embeddings of another backbone or preprocessing (differs in: {', '.join(differs)}; "
