@@ -527,7 +527,8 @@ class _Trainer:
     ) -> None:
         self.model, self.splits, self.preprocess = model, splits, preprocess
         self.device, self.config, self.run_config, self.out = device, config, run, out
-        self.identity = identity  # what must match on --resume (config, backbone, data)
+        # What must match on --resume (config, backbone, data), as JSON reads it back (tuples -> lists).
+        self.identity = json.loads(json.dumps(identity, default=_jsonable))
         self.progress, self.on_epoch = progress, on_epoch
         self.layers = layer_groups(model)
         self.phases = plan_phases(config)
