@@ -76,8 +76,9 @@ def machine_info(device: str) -> dict[str, Any]:
         git = ["git", "-C", str(REPO)]
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         dirty = bool(subprocess.run([*git, "status", "--porcelain", "embedpipe"], capture_output=True, text=True).stdout.strip())
-    import timm
+    from embedpipe.backbone import _timm
 
+    timm = _timm()
     return {"cpu": cpu, "cores": cores, "gpu": gpu, "device": device, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "timm": timm.__version__, "embedpipe": embedpipe.__version__,
             "python": platform.python_version(), "git_commit": commit, "embedpipe_dirty": dirty}
