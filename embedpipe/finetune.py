@@ -524,8 +524,10 @@ class _Trainer:
         identity: dict[str, Any],
         progress: Callable[[str, int], Any],
         on_epoch: Callable[[dict[str, Any]], None] | None,
+        initial_is_candidate: bool,
     ) -> None:
         self.model, self.splits, self.preprocess = model, splits, preprocess
+        self.initial_is_candidate = initial_is_candidate
         self.device, self.config, self.run_config, self.out = device, config, run, out
         # What must match on --resume (config, backbone, data), as JSON reads it back (tuples -> lists).
         self.identity = json.loads(json.dumps(identity, default=_jsonable))
@@ -706,7 +708,7 @@ class _Trainer:
         self.skipped = dict(state.get("skipped", {}))
         # A kill between writing best.safetensors and last.safetensors leaves a newer best: adopt it.
         _, best_meta = load_tensors(self.out / BEST_FILE)
-        if best_meta.get("best", {}).get("epoch", -1) > self.best.get("epoch", -1):
+        if best_meta.get("best", {}).get("epoch", 0) > self.best.get("epoch", 0):
             self.best = best_meta["best"]
         meta["tensors"] = {k: v for k, v in tensors.items() if k.startswith("optim/")}
         return meta
@@ -752,9 +754,11 @@ class _Trainer:
             raise FineTuneError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
         else:
             loss, acc, _, _ = self.evaluate(self.val_data)
-            self.initial = {"val_loss": loss, "val_acc": acc}
+            self.initial = {"val_loss": loss, "val_acc": acc, "candidate": self.initial_is_candidate}
             logger.info("epoch 0: val_loss %.4f, val_acc %.4f", loss, acc)
-            self._save_best(0, "init", loss, acc)
+            self._save_best(0, "init", loss, acc)  # on disk either way: the run's starting point
+            if not self.initial_is_candidate:
+                self.best = {}  # any finite epoch replaces it
         base_elapsed = self.elapsed
         while self.phase_index < len(self.phases):
             name, length = self.phases[self.phase_index]
@@ -774,7 +778,9 @@ class _Trainer:
             while self.phase_epoch < length and not self.phase_finished:
                 self._epoch(name, length, base_elapsed + time.perf_counter() - started)
             self.phase_index, self.phase_epoch, self.phase_finished = self.phase_index + 1, 0, False
-        self._restore_best()
+        self._restore_best()  # the best epoch, or the starting weights when no epoch was finite
+        if not self.best:
+            self.best = {"epoch": 0, "phase": "init", "val_loss": self.initial["val_loss"], "val_acc": self.initial["val_acc"]}
         self.elapsed = base_elapsed + time.perf_counter() - started
         return self._outcome()
 
@@ -863,6 +869,7 @@ def train(
     resume: bool = False,
     progress: Callable[[str, int], Any],
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    initial_is_candidate: bool = True,
 ) -> Outcome:
     """Fine-tune ``model`` (a timm classifier with ``len(splits.class_names)`` outputs) into ``out``.
 
@@ -872,6 +879,8 @@ def train(
         preprocess: the backbone's eval preprocessing; training augments from it.
         precision: resolved compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler).
         identity: JSON-able description of the run (config, backbone, data); ``resume`` refuses another.
+        initial_is_candidate: whether the starting weights (epoch 0) may be the best checkpoint. False
+            for a classifier from a probe that was refit on train + val: its val score is in-sample.
 
     Returns:
         An :class:`Outcome`; the model holds the best weights.
@@ -879,7 +888,8 @@ def train(
     check_config(config)
     out.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(model, splits=splits, preprocess=preprocess, precision=precision, device=device, config=config,
-                       run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch)
+                       run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch,
+                       initial_is_candidate=initial_is_candidate)
     return trainer.run(resume=resume)
 
 

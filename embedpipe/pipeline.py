@@ -779,7 +779,8 @@ def fine_tune(
     device = resolve_device(run.device)
     spec = _spec(backbone)
     embedding = resolve(spec, device)
-    digests = FileIndex(Path(cache_dir)).digests([r.path for r in dataset.records]) if _mkdir(Path(cache_dir)) else []
+    _mkdir(Path(cache_dir))
+    digests = FileIndex(Path(cache_dir)).digests([r.path for r in dataset.records])
     classes = list(dataset.class_names)
 
     init = None
@@ -807,7 +808,7 @@ def fine_tune(
         "config": config.to_dict(),
         "backbone": spec.to_dict(),
         "embedding_key": embedding.key(),
-        "data": dataset_fingerprint(dataset, digests, embedding) if digests else dataset.describe(),
+        "data": dataset_fingerprint(dataset, digests, embedding),
         "classes": classes,
         "init_head": head_info.get("cache_key") if head_info else None,
     }
@@ -835,7 +836,10 @@ def fine_tune(
         })
     outcome = ft.train(model, splits=splits, preprocess=embedding.preprocess, precision=embedding.precision,
                        device=device, config=config, run=run, out=out, identity=identity, resume=resume,
-                       progress=progress, on_epoch=on_epoch)
+                       progress=progress, on_epoch=on_epoch,
+                       # A logreg head is refit on train + val, so its val score at epoch 0 is in-sample:
+                       # the best checkpoint is chosen among the fine-tuned epochs.
+                       initial_is_candidate=init is None)
 
     best = out / ft.BEST_FILE
     # The saved head: the trained classifier on the fine-tuned backbone's embeddings.
@@ -901,10 +905,9 @@ def fine_tune(
     )
 
 
-def _mkdir(folder: Path) -> bool:
+def _mkdir(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        return True
     except OSError as error:
         raise CacheError(f"cannot create cache folder {folder} ({error.strerror}): pick a writable --cache-dir") from None
 

@@ -219,6 +219,8 @@ def test_init_head_from_the_linear_probe_reproduces_it_at_epoch_zero(
                        config=FineTuneConfig(**QUICK, unfreeze="none", head_epochs=0, epochs=1))
     assert result.summary["initial"]["val_loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-5)
     assert result.summary["initial"]["val_acc"] == pytest.approx(float(np.mean(fitted.head.predict(X) == names)))
+    # The probe was refit on train + val, so its val score is in-sample: the best is a fine-tuned epoch.
+    assert result.best_epoch == 1 and result.summary["initial"]["candidate"] is False
 
 
 @pytest.mark.parametrize("n_classes", [2, 4])
