@@ -123,6 +123,49 @@ def test_epoch_lrs_follow_the_schedule(image_tree: Path, spec: BackboneSpec, run
     assert lrs == [("head", 1e-3, 4e-3), ("finetune", 1e-3, 4e-3), ("finetune", 5e-4, 2e-3), ("finetune", 2.5e-4, 1e-3)]
 
 
+def test_train_mode_follows_what_trains() -> None:
+    from embedpipe.backbone import _timm
+    from embedpipe.finetune import set_train_mode
+
+    model = _timm().create_model("test_vit", drop_path_rate=0.1, num_classes=3)
+    layers = layer_groups(model)
+    set_trainable(model, layers.unfrozen("top:1") | layers.classifier)
+    set_train_mode(model, train_bn=False)
+    assert model.training and model.blocks[-1].training and model.blocks[-1].drop_path1.training
+    assert not model.blocks[0].training and not model.blocks[0].drop_path1.training and not model.patch_embed.training
+    resnet = timm_model("test_resnet")
+    resnet_layers = layer_groups(resnet)
+    set_trainable(resnet, resnet_layers.unfrozen("top:1") | resnet_layers.classifier)
+    for train_bn in (False, True):
+        set_train_mode(resnet, train_bn=train_bn)
+        assert resnet.layer4[0].conv1.training and resnet.layer4[0].bn1.training == train_bn
+        assert not resnet.layer1[0].bn1.training and not resnet.layer1[0].conv1.training
+
+
+@pytest.mark.parametrize("augment", ["standard", "strong"])
+def test_augmentations_keep_the_input_shape(augment: str, image_tree: Path) -> None:
+    from embedpipe.finetune import train_transform
+    from embedpipe.pipeline import resolve
+    from embedpipe.preprocess import decode_image
+
+    preprocess = resolve(BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}), "cpu").preprocess
+    transform = train_transform(preprocess, augment)
+    image = decode_image(next((image_tree / "circles").iterdir()))
+    outputs = [transform(image) for _ in range(3)]
+    assert all(o.dtype == torch.uint8 and tuple(o.shape) == (3, 64, 64) for o in outputs)
+    assert not torch.equal(outputs[0], outputs[1]) or not torch.equal(outputs[1], outputs[2])  # random
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_vit", "test_convnext"])
+def test_each_tiny_architecture_fine_tunes(name: str, image_tree: Path, run: RunConfig, tmp_path: Path) -> None:
+    spec = BackboneSpec(name=name, pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32")
+    result = ft(image_tree, spec, tmp_path / "run", run, unfreeze="top:1", head_epochs=1, epochs=1, lr=1e-3)
+    assert [r["phase"] for r in result.history] == ["head", "finetune"]
+    phases = result.summary["phases"]
+    assert phases[0]["trainable_params"] < phases[1]["trainable_params"]
+    assert set(result.memory) == {"head", "finetune"} and all(v > 0 for v in result.memory.values())
+
+
 # --------------------------------------------------------------------------- what stays
 
 
