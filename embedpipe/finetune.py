@@ -896,12 +896,20 @@ def train(
 # --------------------------------------------------------------------------- the curves
 
 
-def plot_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path, *, initial: dict[str, float] | None = None) -> None:
-    """Train/val loss and accuracy against epoch, phase changes dashed, the best epoch marked; a PNG, atomically."""
+def plot_curves(
+    history: Sequence[dict[str, Any]],
+    best_epoch: int,
+    path: Path,
+    *,
+    initial: dict[str, Any] | None = None,
+    stop_reason: str | None = None,
+) -> None:
+    """Train/val loss and accuracy against epoch: phase changes dashed, the best epoch starred, the early stop dotted."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(10, 4), dpi=100)
     epochs = [r["epoch"] for r in history]
@@ -912,6 +920,9 @@ def plot_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path, 
         if initial:
             val_x, val_y = [0, *val_x], [initial[f"val_{metric}"], *val_y]
         axis.plot(val_x, val_y, "s-", label="val", markersize=3)
+        if initial and not initial.get("candidate", True):
+            axis.plot([0], [initial[f"val_{metric}"]], "o", mfc="none", color="grey", markersize=9,
+                      label="epoch 0: the probe (val in-sample)")
         for previous, current in zip(history, history[1:]):
             if previous["phase"] != current["phase"]:
                 axis.axvline(previous["epoch"] + 0.5, color="grey", linestyle="--", linewidth=0.8)
@@ -919,7 +930,10 @@ def plot_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path, 
         if best_y is not None:
             axis.axvline(best_epoch, color="tab:red", linewidth=0.8)
             axis.plot([best_epoch], [best_y], "*", color="tab:red", markersize=12, label=f"best (epoch {best_epoch})")
+        if stop_reason and history:
+            axis.axvline(history[-1]["epoch"], color="black", linestyle=":", linewidth=0.8, label=f"stopped ({stop_reason})")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(title)
         axis.legend(fontsize=8)
     figure.tight_layout()

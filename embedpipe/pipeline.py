@@ -896,7 +896,8 @@ def fine_tune(
         "versions": _versions(),
     }
     ft.write_json(out / ft.SUMMARY_FILE, summary)
-    ft.plot_curves(outcome.history, outcome.best.get("epoch", 0), out / ft.CURVES_FILE, initial=outcome.initial)
+    ft.plot_curves(outcome.history, outcome.best.get("epoch", 0), out / ft.CURVES_FILE, initial=outcome.initial,
+                   stop_reason=outcome.stop_reason)
     return FineTuneResult(
         out=out, best_checkpoint=best, head=head_path, best_epoch=summary["best_epoch"],
         stopped_epoch=outcome.stopped_epoch, stop_reason=outcome.stop_reason, history=outcome.history,
