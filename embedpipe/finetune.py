@@ -115,6 +115,14 @@ def check_config(config: FineTuneConfig) -> None:
             raise FineTuneError(message)
 
 
+def check_out_folder(out: Path, *, resume: bool) -> None:
+    """Refuse to overwrite a run without ``resume``, and to resume where there is nothing to resume."""
+    if resume and not (out / LAST_FILE).is_file():
+        raise FineTuneError(f"nothing to resume in {out} (no {LAST_FILE}): run without --resume")
+    if not resume and ((out / LAST_FILE).exists() or (out / SUMMARY_FILE).exists()):
+        raise FineTuneError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+
+
 def plan_phases(config: FineTuneConfig) -> list[tuple[str, int]]:
     """``[(phase, epochs), ...]``: ``head`` (backbone frozen) then ``finetune``; empty phases left out."""
     if parse_unfreeze(config.unfreeze)[0] == "none":
@@ -745,13 +753,10 @@ class _Trainer:
     def run(self, *, resume: bool) -> Outcome:
         started = time.perf_counter()
         saved: dict[str, Any] | None = None
+        check_out_folder(self.out, resume=resume)
         if resume:
-            if not (self.out / LAST_FILE).is_file():
-                raise FineTuneError(f"nothing to resume in {self.out} (no {LAST_FILE}): run without --resume")
             saved = self._load_last()
             logger.info("resuming %s after epoch %d", self.out, len(self.history))
-        elif (self.out / LAST_FILE).exists() or (self.out / SUMMARY_FILE).exists():
-            raise FineTuneError(f"{self.out} already holds a run: pass --resume to continue it, or another --out")
         else:
             loss, acc, _, _ = self.evaluate(self.val_data)
             self.initial = {"val_loss": loss, "val_acc": acc, "candidate": self.initial_is_candidate}

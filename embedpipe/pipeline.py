@@ -765,6 +765,7 @@ def fine_tune(
     started = time.perf_counter()
     ft.check_config(config)
     out = Path(out)
+    ft.check_out_folder(out, resume=resume)
     dataset = load_dataset(source, split=split)
     if not dataset.labelled:
         raise FineTuneError(f"{source} holds unlabelled images: fine-tune needs class folders or a manifest with labels")

@@ -314,8 +314,10 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(image_tree: Path,
     with safe_open(str(out / "last.safetensors"), "pt") as handle:  # the run state rides in the checkpoint's header
         done_before = len(json.loads(handle.metadata()["state"])["history"])
     assert 1 <= done_before < 4 and not (out / "summary.json").exists()
+    config_json = (out / "config.json").read_bytes()
     again = cli(*args, "--out", str(out))
     assert again.returncode != 0 and "--resume" in again.stderr
+    assert (out / "config.json").read_bytes() == config_json  # refused before anything is written
     resumed = cli(*args, "--out", str(out), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "best checkpoint" in resumed.stdout
