@@ -410,7 +410,8 @@ def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, 
     """Fine-tune the backbone and a classifier: head first, then the top layers at a low LR.
 
     Validation loss is checked every epoch; the best weights are kept and restored at the end.
-    --batch-size is the training batch (default 32 here). A from-scratch baseline of the same
+    --batch-size is the training batch (default 32 here); --precision auto trains in fp32 on CPU.
+    A from-scratch baseline of the same
     architecture: --no-pretrained --unfreeze all --head-epochs 0 --train-bn --lr 1e-3.
 
     \b
