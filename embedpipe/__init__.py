@@ -7,16 +7,27 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig  # noqa: E402
+from .config import BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig  # noqa: E402
 from .errors import (  # noqa: E402
     BackboneError,
     CacheError,
     DataError,
     EmbedpipeError,
+    FineTuneError,
     ImageDecodeError,
     WeightsError,
 )
-from .pipeline import ExtractResult, cache_info, cache_list, cache_remove, cache_verify, extract, load  # noqa: E402
+from .pipeline import (  # noqa: E402
+    ExtractResult,
+    FineTuneResult,
+    cache_info,
+    cache_list,
+    cache_remove,
+    cache_verify,
+    extract,
+    fine_tune,
+    load,
+)
 
 __all__ = [
     "BackboneError",
@@ -26,6 +37,9 @@ __all__ = [
     "EmbeddingConfig",
     "EmbedpipeError",
     "ExtractResult",
+    "FineTuneConfig",
+    "FineTuneError",
+    "FineTuneResult",
     "ImageDecodeError",
     "PreprocessConfig",
     "RunConfig",
@@ -37,5 +51,6 @@ __all__ = [
     "cache_remove",
     "cache_verify",
     "extract",
+    "fine_tune",
     "load",
 ]

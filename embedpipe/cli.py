@@ -490,6 +490,100 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
     click.echo((markdown_table if markdown else text_table)(result.summaries, errors))
     click.echo(f"report: {result.html}", err=True)
 
+@cli.command("fine-tune")
+@click.argument("source", type=click.Path())
+@backbone_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, metrics, curves, summary).")
+@click.option("--init-head", type=click.Path(), default=None,
+              help="Start the classifier from a logreg head fitted on this backbone's embeddings (LP-FT).")
+@click.option("--unfreeze", default="top:2", show_default=True,
+              help="What trains after the head phase: none, top:K (last K of timm's layer groups) or all.")
+@click.option("--head-epochs", type=int, default=1, show_default=True, help="Phase 1: epochs with the backbone frozen.")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Phase 2: epochs with --unfreeze layers training.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW LR of the backbone's top layer group.")
+@click.option("--head-lr-mult", type=float, default=10.0, show_default=True, help="Classifier LR = lr x this.")
+@click.option("--layer-decay", type=float, default=1.0, show_default=True,
+              help="LR x decay**depth for lower layer groups (0.65-0.75 suits ViTs; 1 = off).")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (not on biases/norms).")
+@click.option("--schedule", type=click.Choice(["constant", "step", "exp", "cosine"]), default="cosine", show_default=True,
+              help="LR decay after warmup, restarted at each phase.")
+@click.option("--warmup", type=float, default=1.0, show_default=True, help="Epochs of linear LR warmup per phase.")
+@click.option("--schedule-unit", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
+              help="Update the LR every optimizer step or once per epoch.")
+@click.option("--step-every", type=int, default=3, show_default=True, help="step schedule: epochs between decays.")
+@click.option("--step-gamma", type=float, default=0.1, show_default=True, help="step schedule: LR factor per decay.")
+@click.option("--exp-gamma", type=float, default=0.9, show_default=True, help="exp schedule: LR factor per epoch.")
+@click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics in unfrozen layers (default: inference mode).")
+@click.option("--augment", type=click.Choice(["none", "standard", "strong"]), default="standard", show_default=True,
+              help="standard: random resized crop (>= 50%) + flip; strong: crop (>= 25%) + flip + RandAugment.")
+@click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--monitor", type=click.Choice(["val_loss", "val_acc"]), default="val_loss", show_default=True)
+@click.option("--patience", type=int, default=3, show_default=True, help="Epochs without improvement before a phase stops.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the table.")
+@click.pass_context
+@_handle_errors
+def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, resume: bool, val_fraction: float,
+              test_fraction: float, split_seed: int, on_error: str, as_json: bool, **kw: Any) -> None:
+    """Fine-tune the backbone and a classifier: head first, then the top layers at a low LR.
+
+    Validation loss is checked every epoch; the best weights are kept and restored at the end.
+    --batch-size is the training batch (default 32 here); --precision auto trains in fp32 on CPU.
+    A from-scratch baseline of the same
+    architecture: --no-pretrained --unfreeze all --head-epochs 0 --train-bn --lr 1e-3.
+
+    \b
+    Example:
+        embedpipe fine-tune data/flowers --init-head heads/flowers-logreg --unfreeze top:2 \\
+            --lr 1e-4 --head-lr-mult 10 --layer-decay 0.75 --epochs 20 --patience 3 --out runs/flowers-ft
+        embedpipe extract data/flowers --weights runs/flowers-ft/best.safetensors
+        embedpipe fine-tune data/flowers --out runs/flowers-ft --resume
+    """
+    from .config import FineTuneConfig, SplitConfig
+    from .pipeline import fine_tune as run_fine_tune
+
+    batch_size_set = ctx.get_parameter_source("batch_size") != click.core.ParameterSource.DEFAULT
+    spec = backbone_spec(kw)
+    run = run_config(kw, on_error=on_error)
+    cache_dir = kw.pop("cache_dir")
+    config = FineTuneConfig(batch_size=run.batch_size if batch_size_set else FineTuneConfig.batch_size, **kw)
+    quiet = ctx.obj["quiet"] or as_json
+
+    def show_epoch(record: dict[str, Any]) -> None:
+        if not quiet:
+            click.echo(f"{record['epoch']:>5}  {record['phase']:<8}  {record['train_loss']:10.4f}  {record['train_acc']:9.3f}  "
+                       f"{record['val_loss']:8.4f}  {record['val_acc']:7.3f}  {record['lr']:9.2e}  {record['seconds']:6.1f}"
+                       f"{'  *' if record['improved'] else ''}")
+
+    if not quiet:
+        click.echo("epoch  phase     train_loss  train_acc  val_loss  val_acc         lr       s")
+    result = run_fine_tune(
+        source, spec, out=out, config=config, init_head=init_head, resume=resume, cache_dir=cache_dir,
+        split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed), run=run,
+        progress=_progress_factory(quiet), on_epoch=show_epoch,
+    )
+    summary = result.summary
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    best = summary["best"]
+    click.echo(f"best epoch {result.best_epoch} ({best.get('phase')}: val_loss {best.get('val_loss', float('nan')):.4f}, "
+               f"val_acc {best.get('val_acc', float('nan')):.3f}); stopped after epoch {result.stopped_epoch}: {result.stop_reason}")
+    if result.test:
+        click.echo(f"test: accuracy {result.test['accuracy']:.3f}, balanced accuracy {result.test['balanced_accuracy']:.3f} "
+                   f"on {result.test['n']} images (best weights)")
+    memory = ", ".join(f"{phase} {bytes_ / 2**20:.0f} MiB" for phase, bytes_ in result.memory.items())
+    click.echo(f"peak memory ({summary['memory_kind']}): {memory}; {result.seconds:.1f} s")
+    click.echo(f"best checkpoint: {result.best_checkpoint}")
+    if result.head:
+        click.echo(f"head: {result.head} (embedpipe predict {result.head} IMAGES)")
+    click.echo(f"next: {summary['extract_command']}")
+
 
 @cli.command("example-data")
 @click.argument("name", type=click.Choice(sorted(EXAMPLES)))

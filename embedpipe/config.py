@@ -138,3 +138,54 @@ class BackboneSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+UNFREEZE_CHOICES = "none, top:K or all"
+SCHEDULES = ("constant", "step", "exp", "cosine")
+AUGMENTS = ("none", "standard", "strong")
+MONITORS = ("val_loss", "val_acc")
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """How ``embedpipe fine-tune`` trains; saved as ``config.json`` beside every checkpoint.
+
+    A from-scratch baseline of the same architecture is ``BackboneSpec(pretrained=False)``
+    with ``unfreeze="all"``, ``head_epochs=0``, ``train_bn=True`` and a larger ``lr`` (e.g. 1e-3).
+    """
+
+    # -- what trains
+    unfreeze: str = "top:2"  # "none" (head only), "top:K" (last K of timm's layer groups) or "all"
+    head_epochs: int = 1  # phase 1: head only, backbone frozen; then phase 2 unfreezes (0: skip)
+    epochs: int = 10  # phase 2 (or the only phase when unfreeze="none"); early stopping may end it sooner
+    train_bn: bool = False  # False keeps BatchNorm in inference mode: small batches give noisy statistics
+    # -- learning rates (AdamW)
+    lr: float = 1e-4  # backbone LR; 10-100x below from-scratch LRs so pretrained features survive
+    head_lr_mult: float = 10.0  # the new head learns this much faster than the backbone
+    layer_decay: float = 1.0  # LR x decay**depth below the top layer group; 0.65-0.75 for ViTs, 1 = off
+    weight_decay: float = 0.01  # AdamW's default; not applied to biases and norm weights (timm's rule)
+    schedule: str = "cosine"  # constant, step, exp or cosine, after the warmup; restarts at each phase
+    warmup: float = 1.0  # epochs of linear warmup at the start of each phase
+    schedule_unit: str = "step"  # "step": the LR changes every optimizer step; "epoch": once per epoch
+    step_every: int = 3  # step schedule: epochs between decays
+    step_gamma: float = 0.1  # step schedule: LR factor at each decay
+    exp_gamma: float = 0.9  # exp schedule: LR factor per epoch
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of the LR
+    # -- batches
+    batch_size: int = 32  # small batches regularise; BatchNorm stays frozen so their statistics do not matter
+    accum_steps: int = 1  # gradient accumulation: effective batch = batch_size * accum_steps
+    augment: str = "standard"  # none, standard (random resized crop + flip) or strong (+ RandAugment)
+    # -- early stopping
+    monitor: str = "val_loss"  # val_loss (lower is better) or val_acc (higher)
+    patience: int = 3  # epochs without improvement before a phase stops
+    min_delta: float = 0.0  # an improvement must beat the best by more than this
+    # -- reproducibility
+    seed: int = 0  # head init, shuffling, augmentation and dropout are all reseeded from (seed, epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FineTuneConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -50,3 +50,9 @@ class HeadError(EmbedpipeError, ValueError):
     """
 
     exit_code = 6
+
+
+class FineTuneError(EmbedpipeError):
+    """Fine-tuning cannot start or resume: bad options, no validation split, a foreign run folder."""
+
+    exit_code = 7

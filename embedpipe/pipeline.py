@@ -35,7 +35,18 @@ from .cache import (
     verify_store,
     write_export,
 )
-from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of, sha256_file
+from .config import (
+    CACHE_FORMAT,
+    OUTPUT_EMBEDDING,
+    BackboneSpec,
+    EmbeddingConfig,
+    FineTuneConfig,
+    RunConfig,
+    SplitConfig,
+    canonical_json,
+    digest_of,
+    sha256_file,
+)
 from .data import Dataset, load_dataset
 from .distributed import rank_device
 from .distributed import ranks as join_ranks
@@ -1011,5 +1022,241 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
 
-__all__ = ["BenchResult", "ExtractResult", "FitResult", "Prediction", "bench", "cache_info", "cache_list", "cache_remove",
-           "cache_verify", "evaluate", "extract", "fit_head", "load", "predict", "report", "resolve"]
+# --------------------------------------------------------------------------- fine-tune
+
+
+@dataclass
+class FineTuneResult:
+    """What :func:`fine_tune` did; everything is also in ``out/summary.json``."""
+
+    out: Path  # the run folder
+    best_checkpoint: Path  # out/best.safetensors: timm key names, for `extract --weights`
+    head: Path | None  # out/head: the trained classifier as a saved head (for `predict`)
+    best_epoch: int  # 0: the starting weights were never beaten
+    stopped_epoch: int
+    stop_reason: str  # max_epochs, patience or non_finite_loss
+    history: list[dict[str, Any]]  # one record per epoch, as in metrics.jsonl
+    test: dict[str, Any] | None  # metrics of the best weights on the test split (None without one)
+    val: dict[str, Any]
+    peak_memory_bytes: int
+    memory: dict[str, int]  # phase (head, finetune) -> peak bytes (CUDA allocated, or process RSS on CPU)
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.summary
+
+
+def _preprocess_flags(preprocess: Any) -> list[str]:
+    """CLI flags that pin a PreprocessConfig, for the printed extract command."""
+    _, h, w = preprocess.input_size
+    flags = ["--img-size", str(h)] if h == w else []
+    flags += ["--crop-pct", f"{preprocess.crop_pct:g}", "--interpolation", preprocess.interpolation,
+              "--mean", ",".join(f"{v:g}" for v in preprocess.mean), "--std", ",".join(f"{v:g}" for v in preprocess.std)]
+    return flags
+
+
+def fine_tune(
+    source: str | Path,
+    backbone: str | BackboneSpec = BackboneSpec(),
+    *,
+    out: str | Path,
+    config: FineTuneConfig = FineTuneConfig(),
+    init_head: str | Path | None = None,
+    resume: bool = False,
+    cache_dir: str | Path = "cache",
+    split: SplitConfig | None = None,
+    run: RunConfig = RunConfig(),
+    progress: ProgressFactory = _no_progress,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> FineTuneResult:
+    """Fine-tune a backbone and a linear classifier on a labelled dataset, with early stopping on val.
+
+    A from-scratch baseline of the same architecture: ``BackboneSpec(name, pretrained=False)`` with
+    ``FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3)``.
+
+    Args:
+        source: folder tree or CSV manifest with labels (as for :func:`extract`); needs a val split
+            (a seeded one is made when the data has none).
+        backbone: a timm model name or a :class:`BackboneSpec` (weights, preprocessing, precision).
+        out: the run folder: best.safetensors, last.safetensors, head/, config.json, metrics.jsonl,
+            metrics.csv, summary.json, curves.png.
+        config: how to train (:class:`~embedpipe.config.FineTuneConfig`).
+        init_head: a logreg head saved by :func:`fit_head` on this backbone's embeddings of this
+            data's classes; its linear map (standardisation folded in) starts the classifier.
+        resume: continue the run in ``out`` from its last finished epoch.
+        cache_dir: the cache folder (its file-hash index fingerprints the data for ``resume``).
+        split: how to split labelled data that comes without a split.
+        run: device, evaluation batch size, workers, channels_last, error policy.
+        progress: progress bar factory, one bar per epoch.
+        on_epoch: called with each epoch's record as it finishes.
+
+    Raises:
+        FineTuneError: bad options, no val split, a foreign run in ``out``.
+        HeadError: ``init_head`` made for another backbone, preprocessing or classes.
+    """
+    import torch
+
+    from . import finetune as ft
+    from .backbone import load_backbone, resolve_device
+    from .errors import FineTuneError, HeadError
+    from .headfile import load_head, save_head
+
+    started = time.perf_counter()
+    ft.check_config(config)
+    out = Path(out)
+    ft.check_out_folder(out, resume=resume)
+    dataset = load_dataset(source, split=split)
+    if not dataset.labelled:
+        raise FineTuneError(f"{source} holds unlabelled images: fine-tune needs class folders or a manifest with labels")
+    parts = {name: ft.Split(tuple(str(r.path) for r in dataset.records if r.split == name),
+                            tuple(r.label for r in dataset.records if r.split == name)) for name in ("train", "val", "test")}
+    if not len(parts["train"]) or not len(parts["val"]):
+        raise FineTuneError(
+            f"{source} has {len(parts['train'])} train and {len(parts['val'])} val images: fine-tune needs both "
+            "(add a val/ folder or split column, or raise --val-fraction for a seeded split)"
+        )
+    splits = ft.Splits(train=parts["train"], val=parts["val"], test=parts["test"], class_names=tuple(dataset.class_names))
+    device = resolve_device(run.device)
+    spec = _spec(backbone)
+    embedding = resolve(spec, device)
+    _mkdir(Path(cache_dir))
+    digests = FileIndex(Path(cache_dir)).digests([r.path for r in dataset.records])
+    classes = list(dataset.class_names)
+
+    init = None
+    head_info: dict[str, Any] | None = None
+    if init_head is not None:
+        probe, head_info = load_head(init_head)
+        theirs = head_info.get("embedding_config") or {}
+        ours = embedding.to_dict()
+        differs = [k for k in ("backbone", "weights", "preprocess") if canonical_json(theirs.get(k)) != canonical_json(ours[k])]
+        if differs:
+            raise HeadError(
+                f"{init_head} was fitted on embeddings of another backbone or preprocessing (differs in: {', '.join(differs)}; "
+                f"head: {theirs.get('backbone')} {str(theirs.get('weights', ''))[:20]}): fit a head on this backbone's "
+                "embeddings (embedpipe extract + fit-head with the same backbone options), or drop --init-head"
+            )
+        if head_info.get("kind") != "logreg" or head_info.get("output", "embeddings") != "embeddings":
+            raise HeadError(f"{init_head} is a {head_info.get('kind')} head on {head_info.get('output')}: "
+                            "--init-head takes a logreg head fitted on embeddings (embedpipe fit-head --head logreg)")
+        try:
+            init = ft.linear_from_probe(probe, classes)
+        except FineTuneError as error:
+            raise HeadError(f"{init_head}: {error}") from None
+
+    identity = {
+        "config": config.to_dict(),
+        "backbone": spec.to_dict(),
+        "embedding_key": embedding.key(),
+        "data": dataset_fingerprint(dataset, digests, embedding),
+        "classes": classes,
+        "init_head": head_info.get("cache_key") if head_info else None,
+    }
+    model = load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model.reset_classifier(len(classes))
+    if init is not None:
+        classifier = model.get_classifier()
+        if tuple(classifier.weight.shape) != init[0].shape:
+            raise HeadError(f"{init_head} maps {init[0].shape[1]} features, {spec.name}'s classifier takes "
+                            f"{classifier.weight.shape[1]}: fit the head on this backbone's embeddings")
+        with torch.no_grad():
+            classifier.weight.copy_(torch.from_numpy(init[0]))
+            classifier.bias.copy_(torch.from_numpy(init[1]))
+    model = model.to(device)
+    if run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        ft.write_json(out / ft.CONFIG_FILE, {
+            "fine_tune": config.to_dict(), "backbone": spec.to_dict(), "embedding_config": embedding.to_dict(),
+            "source": str(Path(source).resolve()), "split": dataset.describe(), "classes": classes,
+            "init_head": str(Path(init_head).resolve()) if init_head else None, "device": device, "versions": _versions(),
+        })
+    # auto trains in fp32 on CPU: bf16 autocast, 2x faster for inference there, made a training step of
+    # tf_efficientnet_lite0 1.3-2x slower than fp32 on 2 Xeon cores (its backward kernels).
+    precision = "fp32" if spec.precision == "auto" and device == "cpu" else embedding.precision
+    outcome = ft.train(model, splits=splits, preprocess=embedding.preprocess, precision=precision,
+                       device=device, config=config, run=run, out=out, identity=identity, resume=resume,
+                       progress=progress, on_epoch=on_epoch,
+                       # A logreg head is refit on train + val, so its val score at epoch 0 is in-sample:
+                       # the best checkpoint is chosen among the fine-tuned epochs.
+                       initial_is_candidate=init is None)
+
+    best = out / ft.BEST_FILE
+    # The saved head: the trained classifier on the fine-tuned backbone's embeddings.
+    head_spec = BackboneSpec(name=spec.name, weights=str(best.resolve()), pretrained=True, outputs=(OUTPUT_EMBEDDING,),
+                             precision=embedding.precision, dtype=spec.dtype, preprocess=embedding.preprocess.to_dict())
+    head_embedding = resolve(head_spec, device)
+    head_path: Path | None = out / ft.HEAD_DIR
+    try:
+        weight, bias = outcome.classifier
+        save_head(head_path, ft.head_from_classifier(weight, bias, classes), {
+            "kind": "logreg", "output": "embeddings", "backbone_spec": head_spec.to_dict(),
+            "embedding_config": head_embedding.to_dict(), "cache_key": head_embedding.key(), "class_names": classes,
+            "trained_on": {"fine_tune": str(out.resolve()), "best_epoch": outcome.best.get("epoch")},
+            "metrics": {k: v for k, v in (("val", outcome.val), ("test", outcome.test)) if v}, "chosen": {},
+            "fit_seconds": outcome.seconds, "versions": _versions(),
+        })
+    except (ValueError, TypeError) as error:  # a classifier that is not one linear map
+        logger.warning("no head file written (%s)", error)
+        head_path = None
+    plain = resolve(BackboneSpec(name=spec.name, weights=str(best), preprocess=spec.preprocess, precision=spec.precision), device)
+    extract_command = ["embedpipe", "extract", str(source), "--backbone", spec.name, "--weights", str(best)]
+    if plain.preprocess != embedding.preprocess:
+        extract_command += _preprocess_flags(embedding.preprocess)
+    elif spec.preprocess.get("input_size"):
+        extract_command += ["--img-size", str(spec.preprocess["input_size"])]
+    peak = max(outcome.memory.values(), default=0)
+    summary = {
+        "best_epoch": outcome.best.get("epoch"),
+        "best_phase": outcome.best.get("phase"),
+        "stopped_epoch": outcome.stopped_epoch,
+        "stop_reason": outcome.stop_reason,
+        "best_checkpoint": str(best),
+        "head": str(head_path) if head_path else None,
+        "monitor": config.monitor,
+        "best": outcome.best,
+        "initial": outcome.initial,
+        "val": outcome.val,
+        "test": outcome.test,
+        "phases": outcome.phases,
+        "peak_memory_bytes": peak,
+        "memory": outcome.memory,
+        "memory_kind": "cuda_max_allocated" if device.startswith("cuda") else "peak_rss",
+        "seconds": outcome.seconds,
+        "wall_seconds_this_call": time.perf_counter() - started,
+        "n_train": len(splits.train), "n_val": len(splits.val), "n_test": len(splits.test),
+        "skipped": [{"path": p, "reason": r} for p, r in outcome.skipped],
+        "device": device,
+        "precision": precision,
+        "config": config.to_dict(),
+        "backbone": spec.to_dict(),
+        "embedding_config": embedding.to_dict(),
+        "init_head": str(init_head) if init_head else None,
+        "extract_command": " ".join(extract_command),
+        "versions": _versions(),
+    }
+    ft.write_json(out / ft.SUMMARY_FILE, summary)
+    ft.plot_curves(outcome.history, outcome.best.get("epoch", 0), out / ft.CURVES_FILE, initial=outcome.initial,
+                   stop_reason=outcome.stop_reason)
+    return FineTuneResult(
+        out=out, best_checkpoint=best, head=head_path, best_epoch=summary["best_epoch"],
+        stopped_epoch=outcome.stopped_epoch, stop_reason=outcome.stop_reason, history=outcome.history,
+        test=outcome.test, val=outcome.val, peak_memory_bytes=peak, memory=outcome.memory,
+        seconds=outcome.seconds, summary=summary,
+    )
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheError(f"cannot create cache folder {folder} ({error.strerror}): pick a writable --cache-dir") from None
+
+
+__all__ = ["BenchResult", "ExtractResult", "FineTuneResult", "FitResult", "Prediction", "bench", "cache_info", "cache_list",
+           "cache_remove", "cache_verify", "evaluate", "extract", "fine_tune", "fit_head", "load", "predict", "report",
+           "resolve"]
