@@ -52,8 +52,6 @@ import gc
 import hashlib
 import json
 import math
-import os
-import platform
 import re
 import resource
 import shutil
@@ -71,8 +69,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from _common import REPO, ContentionMeter, machine_info, machine_slug
 
 import embedpipe  # noqa: E402
 from embedpipe import BackboneSpec, RunConfig  # noqa: E402
@@ -102,50 +99,6 @@ JPEG_QUALITY = 90
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, library versions and git state: what a results file must name."""
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        cpu = found[1].strip() if found else cpu
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        flags = set(found[1].split()) if found else set()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else ""
-    commit, dirty = "", None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "embedpipe"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = bool(status.stdout.strip())
-    import timm
-
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
-        "cpu_amx": "amx_tile" in flags,
-        "gpu": gpu,
-        "device": device,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "embedpipe": embedpipe.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "git_commit": commit,
-        "embedpipe_dirty": dirty,
-    }
-
-
-def machine_slug(info: dict[str, Any]) -> str:
-    """``cpu-amd-epyc-2c``: the part of a results file name that says where it ran."""
-    name = info["gpu"] or info["cpu"]
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-    return f"{'gpu' if info['gpu'] else 'cpu'}-{slug}-{info['cores']}c"
 
 
 # --------------------------------------------------------------------------- data
@@ -208,40 +161,6 @@ def in_memory_images(images: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         inference.ImageFiles = original
-
-
-class ContentionMeter:
-    """How many cores other processes kept busy while a sample ran (from /proc/stat, Linux only).
-
-    The benchmark's own CPU time, its DataLoader workers' included, is taken
-    out; what is left is load from elsewhere that slowed the sample down.
-    """
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.busy = self._busy()
-        self.own = self._own()
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-    def other_cores_busy(self) -> float | None:
-        busy = self._busy()
-        if busy is None or self.busy is None:
-            return None
-        wall = time.perf_counter() - self.wall
-        return max(0.0, (busy - self.busy) - (self._own() - self.own)) / wall if wall > 0 else None
 
 
 class TimedStore(Store):

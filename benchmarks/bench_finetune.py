@@ -35,12 +35,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import os
-import platform
-import re
 import resource
 import subprocess
 import sys
@@ -50,46 +46,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from _common import REPO, machine_info, machine_slug
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "scratch")
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, library versions and git state: what a results file must name."""
-    import torch
-
-    import embedpipe
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found[1].strip() if found else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else ""
-    commit, dirty = "", None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run([*git, "status", "--porcelain", "embedpipe"], capture_output=True, text=True).stdout.strip())
-    from embedpipe.backbone import _timm
-
-    timm = _timm()
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "device": device, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "timm": timm.__version__, "embedpipe": embedpipe.__version__,
-            "python": platform.python_version(), "git_commit": commit, "embedpipe_dirty": dirty}
-
-
-def machine_slug(info: dict[str, Any]) -> str:
-    """``cpu-amd-epyc-2c``: the part of a results file name that says where it ran."""
-    name = info["gpu"] or info["cpu"]
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-    return f"{'gpu' if info['gpu'] else 'cpu'}-{slug}-{info['cores']}c"
 
 
 def peak_rss_bytes() -> int:

@@ -67,10 +67,6 @@ import gc
 import itertools
 import json
 import math
-import os
-import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,8 +80,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from _common import REPO, ContentionMeter, machine_slug
+from _common import machine_info as _common_machine_info
 
 import scipy  # noqa: E402
 import sklearn  # noqa: E402
@@ -96,7 +92,6 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-import embedpipe  # noqa: E402
 from embedpipe.heads import KNNHead, LogisticProbe, MLPHead  # noqa: E402
 from embedpipe.heads.base import available_cores, resolve_device, stratified_split  # noqa: E402
 from embedpipe.heads.logreg import _TorchLBFGS, c_grid, objective  # noqa: E402
@@ -119,75 +114,12 @@ NOISE_AT_512 = 6.5
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
-    """CPU model, cores, library versions, BLAS, threads and git state: what a results file must name."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found[1].strip() if found else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    commit, dirty = "", None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        git = ["git", "-C", str(REPO)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run([*git, "status", "--porcelain", "embedpipe"], capture_output=True, text=True)
-        commit, dirty = commit.stdout.strip(), bool(status.stdout.strip())
+    """The machine (``_common.machine_info``), the thread cap of every variant, and both BLAS libraries."""
     blas = sorted({f"{p['internal_api']} {p['version']}" for p in threadpool_info() if p["user_api"] == "blas"})
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "gpu": gpu,
-        "device": device.type,
-        "threads": threads,
-        "torch": torch.__version__,
-        "sklearn": sklearn.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "numpy_blas": ", ".join(blas),
-        "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
-        "embedpipe": embedpipe.__version__,
-        "python": platform.python_version(),
-        "git_commit": commit,
-        "embedpipe_dirty": dirty,
-    }
-
-
-def machine_slug(info: dict[str, Any]) -> str:
-    """``cpu-amd-epyc-2c`` or ``gpu-nvidia-h100-80gb-hbm3-16c``: the part of a results file name naming the machine."""
-    name = info["gpu"] or info["cpu"]
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-    return f"{'gpu' if info['gpu'] else 'cpu'}-{slug}-{info['cores']}c"
-
-
-class ContentionMeter:
-    """How many cores other processes kept busy while a sample ran (from /proc/stat, Linux only)."""
-
-    def __init__(self) -> None:
-        self.wall = time.perf_counter()
-        self.busy = self._busy()
-        self.own = self._own()
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        except OSError:
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def _own() -> float:
-        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-    def other_cores_busy(self) -> float | None:
-        busy = self._busy()
-        if busy is None or self.busy is None:
-            return None
-        wall = time.perf_counter() - self.wall
-        return max(0.0, (busy - self.busy) - (self._own() - self.own)) / wall if wall > 0 else None
+    return _common_machine_info(
+        str(device), threads=threads, sklearn=sklearn.__version__, scipy=scipy.__version__,
+        numpy_blas=", ".join(blas), torch_blas="mkl" if torch.backends.mkl.is_available() else "other",
+    )
 
 
 @contextlib.contextmanager

@@ -40,7 +40,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench_extract import REPO, machine_info, machine_slug, photo
+from _common import REPO, machine_info, machine_slug
+from bench_extract import photo
 
 GOAL_MEMORY_FLAT = 1.10  # peak RSS of the largest dataset over the smallest's
 

@@ -42,6 +42,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ._atomic import fsync_dir as _fsync_dir
+from ._atomic import write_atomically
 from .config import CACHE_FORMAT, OUTPUT_EMBEDDING, EmbeddingConfig, canonical_json, sha256_file
 from .errors import CacheError
 
@@ -67,32 +69,15 @@ def dataset_name_for(output: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise CacheError(
             f"could not write {path} ({error.strerror or error}): free disk space or pick another --cache-dir; "
             "finished work is kept and the next run resumes"
         ) from None
-    _fsync_dir(path.parent)
 
 
 class FileIndex:

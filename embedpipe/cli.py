@@ -520,6 +520,8 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
 @click.option("--monitor", type=click.Choice(["val_loss", "val_acc"]), default="val_loss", show_default=True)
 @click.option("--patience", type=int, default=3, show_default=True, help="Epochs without improvement before a phase stops.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shots", type=click.IntRange(min=1), default=None,
+              help="Train on K labelled images per class, chosen by --seed as fit-head --shots does [default: all].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
 @click.option("--test-fraction", type=float, default=0.2, show_default=True)

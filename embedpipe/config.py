@@ -181,6 +181,8 @@ class FineTuneConfig:
     min_delta: float = 0.0  # an improvement must beat the best by more than this
     # -- reproducibility
     seed: int = 0  # head init, shuffling, augmentation and dropout are all reseeded from (seed, epoch)
+    # -- label budget
+    shots: int | None = None  # train on K images per class (chosen by seed, as fit-head --shots); None: all
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

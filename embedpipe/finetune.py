@@ -32,11 +32,9 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._atomic import write_atomically
 from .config import AUGMENTS, MONITORS, SCHEDULES, UNFREEZE_CHOICES, FineTuneConfig, PreprocessConfig, RunConfig
 from .errors import FineTuneError, ImageDecodeError
 from .inference import DECODE_ERRORS, default_workers
@@ -401,29 +400,12 @@ def train_transform(preprocess: PreprocessConfig, augment: str) -> Callable[[Any
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` so that a crash leaves the old file or the new one, never half of either."""
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise FineTuneError(f"could not write {path} ({error.strerror or error}): free disk space or pick another --out") from None
-    _fsync_dir(path.parent)
 
 
 def write_json(path: Path, data: Any) -> None:

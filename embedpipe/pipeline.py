@@ -786,13 +786,12 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
     ``head == "scratch"`` (:func:`embedpipe.bench.scratch_record`, read from that run's ``summary.json``),
     which the report draws dashed on the shots plot. The settings are the fine-tune stage's own recipe
     for a from-scratch baseline (every layer trains, no head-only phase, BatchNorm in train mode, LR 1e-3).
-    ``fine_tune`` has no label budget yet, so a budget other than ``all`` becomes a failure row saying
-    so; the frozen heads' few-shot rows (``few_shot_indices`` on the train split, same seed) are the
-    ones to pass it when it gets one.
+    A budget of K trains on the K-per-class rows ``few_shot_indices`` picks from the train split with the
+    same seed, as the frozen heads' rows do; early stopping watches the whole val split.
     """
     from dataclasses import replace
 
-    from .bench import ALL, SCRATCH, BenchError, run_key, scratch_record
+    from .bench import ALL, SCRATCH, run_key, scratch_record
 
     fine_tune = _fine_tune_stage()
     from .config import FineTuneConfig  # type: ignore[attr-defined]  # arrives with the fine-tune stage
@@ -807,11 +806,9 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
             run_dir = out / "scratch" / f"{spec.name}-{budget}-s{seed}"
             error: BaseException | None = None
             try:
-                if budget != ALL:
-                    raise BenchError(f"--baseline scratch with {budget} labels per class needs a label budget in the fine-tune "
-                                     "stage, which it does not take yet: use --shots all for the scratch rows")
-                fine_tune(source, replace(spec, pretrained=False), out=run_dir, split=split, run=run,
-                          config=FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=seed))
+                config = FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=seed,
+                                        shots=None if budget == ALL else int(budget))
+                fine_tune(source, replace(spec, pretrained=False), out=run_dir, split=split, run=run, config=config)
             except Exception as failure:  # noqa: BLE001 - a failed baseline run becomes a row, like any other
                 error = failure
             records.append(scratch_record(common, spec=spec, split=split, shots=budget, seed=seed, run_dir=run_dir, error=error))
@@ -1111,6 +1108,12 @@ def fine_tune(
         raise FineTuneError(f"{source} holds unlabelled images: fine-tune needs class folders or a manifest with labels")
     parts = {name: ft.Split(tuple(str(r.path) for r in dataset.records if r.split == name),
                             tuple(r.label for r in dataset.records if r.split == name)) for name in ("train", "val", "test")}
+    if config.shots is not None:  # the few-shot rows fit-head --shots and the bench choose, same seed
+        if config.shots < 1:
+            raise FineTuneError(f"--shots {config.shots}: give a positive number of images per class")
+        train = parts["train"]
+        keep = few_shot_indices(np.asarray(train.labels), config.shots, seed=config.seed)
+        parts["train"] = ft.Split(tuple(train.paths[i] for i in keep), tuple(train.labels[i] for i in keep))
     if not len(parts["train"]) or not len(parts["val"]):
         raise FineTuneError(
             f"{source} has {len(parts['train'])} train and {len(parts['val'])} val images: fine-tune needs both "

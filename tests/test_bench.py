@@ -172,13 +172,6 @@ def test_scratch_rows_are_drawn_on_the_shots_plot(benched: tuple[pipeline.BenchR
     assert (out / PLOT_SHOTS).read_bytes() != (result.out / PLOT_SHOTS).read_bytes()
 
 
-@pytest.mark.skipif(hasattr(pipeline, "fine_tune"), reason="the fine-tune stage is present: --baseline scratch runs")
-def test_baseline_scratch_needs_the_fine_tune_stage(image_tree: Path, tmp_path: Path) -> None:
-    with pytest.raises(BenchError, match="needs the fine-tune stage"):
-        _bench(image_tree, tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), baseline="scratch")
-    assert not (tmp_path / "out").exists()  # it fails before any work
-
-
 def _finetune_run(folder: Path) -> Path:
     """A fine-tune run folder as `embedpipe fine-tune` writes it: metrics.jsonl per epoch and summary.json."""
     folder.mkdir(parents=True)
@@ -195,39 +188,23 @@ def _finetune_run(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.skipif(hasattr(pipeline, "fine_tune"), reason="the real fine-tune stage is present: test --baseline scratch with it")
-def test_baseline_scratch_wiring_with_a_stand_in_stage(image_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until the fine-tune stage is merged: a stand-in with its signature that writes a run folder, to check the rows."""
-    import dataclasses
-
-    import embedpipe.config
-
-    @dataclasses.dataclass(frozen=True)
-    class FineTuneConfig:  # the fields the hook sets
-        unfreeze: str = "top:2"
-        head_epochs: int = 1
-        train_bn: bool = False
-        lr: float = 1e-4
-        seed: int = 0
-
-    calls = []
-
-    def fine_tune(source: Any, backbone: BackboneSpec, *, out: Path, config: Any, split: Any, run: Any) -> None:
-        calls.append((backbone.pretrained, config))
-        _finetune_run(Path(out))
-
-    monkeypatch.setattr(pipeline, "fine_tune", fine_tune, raising=False)
-    monkeypatch.setattr(embedpipe.config, "FineTuneConfig", FineTuneConfig, raising=False)
+@pytest.mark.slow
+def test_baseline_scratch_trains_the_same_architecture_on_each_label_budget(image_tree: Path, tmp_path: Path) -> None:
+    """--baseline scratch runs the real fine-tune stage from random weights, on the heads' few-shot rows."""
     result = _bench(image_tree, tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",), seeds=1,
                     baseline="scratch")
-    assert calls == [(False, FineTuneConfig(unfreeze="all", head_epochs=0, train_bn=True, lr=1e-3, seed=0))]
     scratch = [r for r in result.records if r["head"] == "scratch" and r["record"] != "summary"]
-    assert [(r["record"], str(r["shots"])) for r in scratch] == [("error", "2"), ("run", "all")]
-    assert "needs a label budget" in scratch[0]["error"] and scratch[1]["accuracy"] == pytest.approx(0.87)
+    assert [(r["record"], str(r["shots"]), r["error"]) for r in scratch] == [("run", "2", None), ("run", "all", None)]
+    runs = {str(r["shots"]): tmp_path / "out" / "scratch" / f"test_resnet-{r['shots']}-s0" for r in scratch}
+    summaries = {k: json.loads((v / "summary.json").read_text()) for k, v in runs.items()}
+    knn_all = next(r for r in _runs(result.records) if r["head"] == "knn" and str(r["shots"]) == "all")
+    assert summaries["2"]["n_train"] == 2 * 3  # two labelled images per class, as the frozen heads got
+    assert summaries["all"]["n_train"] == knn_all["n_train"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in scratch)
     assert ("test_resnet", "scratch") in result.report.series
     again = _bench(image_tree, tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",), seeds=1,
                    baseline="scratch", skip_existing=True)
-    assert len(calls) == 1 and again.fitted == 0  # the finished scratch run is kept
+    assert again.fitted == 0  # the finished scratch runs are kept
 
 
 def test_finetune_run_curves_in_the_report(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
