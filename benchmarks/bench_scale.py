@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--images", type=int, default=512, help="JPEGs in the scaling dataset (default: %(default)s)")
     add("--max-procs", type=int, default=None, help="most processes (default: GPUs on cuda, cores on cpu)")
     add("--memory-sizes", default="1000,4000,16000", help="dataset sizes of the memory runs (default: %(default)s)")
+    add("--memory-backbone", default="test_resnet",
+        help="model of the memory runs; a tiny one, since what grows with the dataset is the rest (default: %(default)s)")
     add("--workdir", default=None, help="where images and caches go (default: a temporary folder)")
     add("--out", default=None, help="results JSON (default: benchmarks/results/scale-<machine>.json)")
     add("--parts", default="scaling,memory,decode",
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             names = sorted(p.name for p in data.glob("*.jpg"))[:n]
             subset.write_text("path\n" + "".join(f"{data / name}\n" for name in names))
             cache = workdir / f"cache-memory-{n}-{time.time_ns()}"
-            command = [sys.executable, *extract_command(args, subset, cache, workers=0)]
+            small = argparse.Namespace(**{**vars(args), "backbone": args.memory_backbone,
+                                          "img_size": 64 if args.memory_backbone.startswith("test_") else None})
+            command = [sys.executable, *extract_command(small, subset, cache, workers=0)]
             try:
                 result, wall, peak = peak_rss_of(command, {**os.environ})
             except Exception as error:  # noqa: BLE001
@@ -192,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((f"memory, {n} images", "error", str(error)[:60]))
                 continue
             peaks[n] = peak
-            record(measurement="memory", images=n, error=None, peak_rss_mib=peak, wall_seconds=wall,
+            record(measurement="memory", images=n, error=None, memory_backbone=args.memory_backbone, peak_rss_mib=peak, wall_seconds=wall,
                    images_per_second=result["images_per_second"])
-            rows.append((f"peak RSS, {n} images (workers 0)", f"{peak:.0f} MiB", f"{wall:.1f} s"))
+            rows.append((f"peak RSS, {n} images ({args.memory_backbone}, workers 0)", f"{peak:.0f} MiB", f"{wall:.1f} s"))
         if len(peaks) >= 2:
             ratio = peaks[max(peaks)] / peaks[min(peaks)]
             record(measurement="summary", variant="memory_flat", error=None, ratio=ratio,

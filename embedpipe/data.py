@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 UNLABELLED = -1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One image of a dataset."""
 
