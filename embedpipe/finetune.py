@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ._atomic import write_atomically
 from .config import AUGMENTS, MONITORS, SCHEDULES, UNFREEZE_CHOICES, FineTuneConfig, PreprocessConfig, RunConfig
 from .errors import FineTuneError, ImageDecodeError
-from .inference import DECODE_ERRORS, default_workers
+from .inference import DECODE_ERRORS, default_batch_size, default_workers
 from .preprocess import decode_image, eval_transform, normalize, resize_target
 
 logger = logging.getLogger(__name__)
@@ -586,7 +586,8 @@ class _Trainer:
         self.model.eval()
         losses, probas, labels = 0.0, [], []
         with torch.inference_mode():
-            for x, y in self._batches(self._loader(data, shuffle=False, batch=self.run_config.batch_size), data.split):
+            batch = self.run_config.batch_size or default_batch_size(self.device)  # evaluation: the extract batch
+            for x, y in self._batches(self._loader(data, shuffle=False, batch=batch), data.split):
                 logits = self._forward(x)
                 losses += float(F.cross_entropy(logits, y, reduction="sum"))
                 probas.append(torch.softmax(logits, dim=1).cpu().numpy())
