@@ -715,23 +715,10 @@ def print_table(bench: Bench, rows: list[list[str]], total: float) -> str:
 
 
 def tune_glibc_malloc() -> bool:
-    """Keep freed activation buffers in the heap instead of returning them to the kernel.
+    """The embedpipe command's allocator setting (``embedpipe._malloc``), applied to this process."""
+    from embedpipe._malloc import keep_freed_memory
 
-    glibc serves allocations above its mmap threshold (dynamic, at most 32 MiB)
-    with fresh mmap()s and unmaps them on free, so every large activation of a
-    CPU forward pass is page-faulted and zeroed again, batch after batch. Raising
-    the mmap and trim thresholds makes freed buffers reusable; the cost is that
-    RSS stays at its peak. Returns False where this is not glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
-    limit = 2**31 - 1  # mallopt takes an int
-    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+    return keep_freed_memory()
 
 
 def peak_rss_mb() -> float | None:

@@ -713,6 +713,9 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
 
 
 def main() -> None:
+    from ._malloc import keep_freed_memory
+
+    keep_freed_memory()  # 1.5-1.9x faster CPU forwards; a process-wide choice, so only here (see _malloc.py)
     cli(prog_name="embedpipe")
 
 

@@ -129,3 +129,18 @@ def test_bf16_embeddings_stay_close_to_fp32_on_real_weights(tmp_path: Path) -> N
     a, b = embedpipe.load(files["fp32"])[0], embedpipe.load(files["bf16"])[0]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() >= 0.99, cosine
+
+
+def test_the_command_tunes_glibc_malloc_and_the_library_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedpipe._malloc as malloc
+    from embedpipe.cli import main
+
+    assert malloc.keep_freed_memory() is True  # glibc on Linux: both thresholds accepted
+    monkeypatch.setenv("EMBEDPIPE_MALLOC_TUNING", "0")
+    assert malloc.keep_freed_memory() is False
+    calls: list[int] = []
+    monkeypatch.setattr(malloc, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("sys.argv", ["embedpipe", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert calls == [1]
