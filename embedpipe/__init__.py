@@ -17,16 +17,22 @@ from .errors import (  # noqa: E402
     ImageDecodeError,
     WeightsError,
 )
+from ._malloc import keep_freed_memory  # noqa: E402
 from .pipeline import (  # noqa: E402
     ExtractResult,
     FineTuneResult,
+    FitResult,
+    Prediction,
     cache_info,
     cache_list,
     cache_remove,
     cache_verify,
+    evaluate,
     extract,
     fine_tune,
+    fit_head,
     load,
+    predict,
 )
 
 __all__ = [
@@ -40,7 +46,9 @@ __all__ = [
     "FineTuneConfig",
     "FineTuneError",
     "FineTuneResult",
+    "FitResult",
     "ImageDecodeError",
+    "Prediction",
     "PreprocessConfig",
     "RunConfig",
     "SplitConfig",
@@ -50,7 +58,11 @@ __all__ = [
     "cache_list",
     "cache_remove",
     "cache_verify",
+    "evaluate",
     "extract",
     "fine_tune",
+    "fit_head",
+    "keep_freed_memory",
     "load",
+    "predict",
 ]
