@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .config import DEFAULT_BACKBONE
+from .config import AUGMENTS, DEFAULT_BACKBONE, MONITORS, SCHEDULES, FineTuneConfig
 from .errors import EmbedpipeError
 from .examples import EXAMPLES
 
@@ -479,6 +479,7 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
         embedpipe report reports/flowers
         embedpipe report reports/flowers --finetune-run runs/flowers-lite0
     """
+    from .bench import read_results
     from .pipeline import report as run_report
     from .report import markdown_table, text_table
 
@@ -486,7 +487,7 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
     if as_json:
         click.echo(json.dumps(result.summaries, indent=2, default=str))
         return
-    errors = [r for r in json.loads((Path(out) / "results.json").read_text()) if r.get("error")]
+    errors = [r for r in read_results(out) if r.get("error")]
     click.echo((markdown_table if markdown else text_table)(result.summaries, errors))
     click.echo(f"report: {result.html}", err=True)
 
@@ -496,30 +497,30 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder (checkpoints, metrics, curves, summary).")
 @click.option("--init-head", type=click.Path(), default=None,
               help="Start the classifier from a logreg head fitted on this backbone's embeddings (LP-FT).")
-@click.option("--unfreeze", default="top:2", show_default=True,
+@click.option("--unfreeze", default=FineTuneConfig.unfreeze, show_default=True,
               help="What trains after the head phase: none, top:K (last K of timm's layer groups) or all.")
-@click.option("--head-epochs", type=int, default=1, show_default=True, help="Phase 1: epochs with the backbone frozen.")
-@click.option("--epochs", type=int, default=10, show_default=True, help="Phase 2: epochs with --unfreeze layers training.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW LR of the backbone's top layer group.")
-@click.option("--head-lr-mult", type=float, default=10.0, show_default=True, help="Classifier LR = lr x this.")
-@click.option("--layer-decay", type=float, default=1.0, show_default=True,
+@click.option("--head-epochs", type=int, default=FineTuneConfig.head_epochs, show_default=True, help="Phase 1: epochs with the backbone frozen.")
+@click.option("--epochs", type=int, default=FineTuneConfig.epochs, show_default=True, help="Phase 2: epochs with --unfreeze layers training.")
+@click.option("--lr", type=float, default=FineTuneConfig.lr, show_default=True, help="AdamW LR of the backbone's top layer group.")
+@click.option("--head-lr-mult", type=float, default=FineTuneConfig.head_lr_mult, show_default=True, help="Classifier LR = lr x this.")
+@click.option("--layer-decay", type=float, default=FineTuneConfig.layer_decay, show_default=True,
               help="LR x decay**depth for lower layer groups (0.65-0.75 suits ViTs; 1 = off).")
-@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay (not on biases/norms).")
-@click.option("--schedule", type=click.Choice(["constant", "step", "exp", "cosine"]), default="cosine", show_default=True,
+@click.option("--weight-decay", type=float, default=FineTuneConfig.weight_decay, show_default=True, help="AdamW weight decay (not on biases/norms).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=FineTuneConfig.schedule, show_default=True,
               help="LR decay after warmup, restarted at each phase.")
-@click.option("--warmup", type=float, default=1.0, show_default=True, help="Epochs of linear LR warmup per phase.")
-@click.option("--schedule-unit", type=click.Choice(["step", "epoch"]), default="step", show_default=True,
+@click.option("--warmup", type=float, default=FineTuneConfig.warmup, show_default=True, help="Epochs of linear LR warmup per phase.")
+@click.option("--schedule-unit", type=click.Choice(["step", "epoch"]), default=FineTuneConfig.schedule_unit, show_default=True,
               help="Update the LR every optimizer step or once per epoch.")
-@click.option("--step-every", type=int, default=3, show_default=True, help="step schedule: epochs between decays.")
-@click.option("--step-gamma", type=float, default=0.1, show_default=True, help="step schedule: LR factor per decay.")
-@click.option("--exp-gamma", type=float, default=0.9, show_default=True, help="exp schedule: LR factor per epoch.")
+@click.option("--step-every", type=int, default=FineTuneConfig.step_every, show_default=True, help="step schedule: epochs between decays.")
+@click.option("--step-gamma", type=float, default=FineTuneConfig.step_gamma, show_default=True, help="step schedule: LR factor per decay.")
+@click.option("--exp-gamma", type=float, default=FineTuneConfig.exp_gamma, show_default=True, help="exp schedule: LR factor per epoch.")
 @click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics in unfrozen layers (default: inference mode).")
-@click.option("--augment", type=click.Choice(["none", "standard", "strong"]), default="standard", show_default=True,
+@click.option("--augment", type=click.Choice(AUGMENTS), default=FineTuneConfig.augment, show_default=True,
               help="standard: random resized crop (>= 50%) + flip; strong: crop (>= 25%) + flip + RandAugment.")
-@click.option("--accum-steps", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
-@click.option("--monitor", type=click.Choice(["val_loss", "val_acc"]), default="val_loss", show_default=True)
-@click.option("--patience", type=int, default=3, show_default=True, help="Epochs without improvement before a phase stops.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--accum-steps", type=int, default=FineTuneConfig.accum_steps, show_default=True, help="Gradient accumulation steps.")
+@click.option("--monitor", type=click.Choice(MONITORS), default=FineTuneConfig.monitor, show_default=True)
+@click.option("--patience", type=int, default=FineTuneConfig.patience, show_default=True, help="Epochs without improvement before a phase stops.")
+@click.option("--seed", type=int, default=FineTuneConfig.seed, show_default=True)
 @click.option("--shots", type=click.IntRange(min=1), default=None,
               help="Train on K labelled images per class, chosen by --seed as fit-head --shots does [default: all].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")

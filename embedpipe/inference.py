@@ -105,44 +105,39 @@ def default_batch_size(device: str) -> int:
     return 256 if device.startswith("cuda") else 64
 
 
-def _forward_fitting(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    outputs: Sequence[str],
-    *,
-    autocast_dtype: torch.dtype | None,
-    device_type: str,
-    limit: list[int],
-) -> dict[str, torch.Tensor]:
-    """Forward ``x`` in chunks of at most ``limit[0]`` images, halving ``limit[0]`` on out-of-memory.
+class _FittingForward:
+    """The network's forward in chunks that fit in memory: on out-of-memory the chunk is halved and
+    the batch retried, and later batches stay at the size that fitted instead of failing again."""
 
-    The limit is shared across batches (a one-element list), so once a size failed the
-    run stays below it instead of failing again on every batch.
-    """
-    from .errors import BackboneError
+    def __init__(self, model: torch.nn.Module, outputs: Sequence[str], *, precision: str, device: str, limit: int) -> None:
+        self.model, self.outputs, self.limit = model, outputs, limit
+        self.device_type = device.split(":")[0]
+        self.autocast_dtype = _AUTOCAST_DTYPES.get(precision)
 
-    while True:
-        try:
-            parts = []
-            for start in range(0, len(x), limit[0]):
-                chunk = x[start : start + limit[0]]
-                if autocast_dtype is not None:
-                    with torch.autocast(device_type=device_type, dtype=autocast_dtype):
-                        parts.append(forward_outputs(model, chunk, outputs))
-                else:
-                    parts.append(forward_outputs(model, chunk, outputs))
-            if len(parts) == 1:
-                return parts[0]
-            return {name: torch.cat([part[name] for part in parts]) for name in outputs}
-        except torch.OutOfMemoryError:
-            if limit[0] == 1:
-                raise BackboneError(
-                    "out of memory for a single image: use a smaller --img-size, --precision bf16, or --device cpu"
-                ) from None
-            limit[0] = max(1, limit[0] // 2)
-            if device_type == "cuda":
-                torch.cuda.empty_cache()
-            logger.warning("out of memory: running the network on %d images at a time", limit[0])
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.autocast_dtype is None:
+            return forward_outputs(self.model, x, self.outputs)
+        with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
+            return forward_outputs(self.model, x, self.outputs)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .errors import BackboneError
+
+        while True:
+            try:
+                if len(x) <= self.limit:
+                    return self._forward(x)
+                parts = [self._forward(x[start : start + self.limit]) for start in range(0, len(x), self.limit)]
+                return {name: torch.cat([part[name] for part in parts]) for name in self.outputs}
+            except torch.OutOfMemoryError:
+                if self.limit == 1:
+                    raise BackboneError(
+                        "out of memory for a single image: use a smaller --img-size, --precision bf16, or --device cpu"
+                    ) from None
+                self.limit = max(1, self.limit // 2)
+                if self.device_type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning("out of memory: running the network on %d images at a time", self.limit)
 
 
 def prepare_model(model: torch.nn.Module, device: str, run: RunConfig) -> torch.nn.Module:
@@ -185,10 +180,8 @@ def embed(
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
-    autocast_dtype = _AUTOCAST_DTYPES.get(config.precision)
-    device_type = device.split(":")[0]
+    forward = _FittingForward(model, config.outputs, precision=config.precision, device=device, limit=batch_size)
     memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-    limit = [batch_size]
     with torch.inference_mode():
         for rows, images, reasons in loader:
             ok = torch.tensor([not reason for reason in reasons], dtype=torch.bool)
@@ -200,9 +193,7 @@ def embed(
                 rows, images = rows[ok], images[ok]
             x = images.to(device, non_blocking=on_cuda).contiguous(memory_format=memory_format)
             x = normalize(x, config.preprocess)
-            out = _forward_fitting(
-                model, x, config.outputs, autocast_dtype=autocast_dtype, device_type=device_type, limit=limit
-            )
+            out = forward(x)
             yield Batch(
                 rows=rows.numpy().astype(np.int64),
                 outputs={name: value.float().cpu().numpy() for name, value in out.items()},

@@ -215,14 +215,12 @@ def extract(
             ranks.barrier()  # the store exists and dead writers' temporary files are gone
             index = store.index()
             ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
+            keys = [d.encode() for d in digests]  # the store's row keys
             todo: dict[bytes, Path] = {}
-            for record, digest in zip(dataset.records, digests):
-                key = digest.encode()
+            for record, key in zip(dataset.records, keys):
                 if key not in index and key not in todo:
                     todo[key] = record.path
-            previously_failed = [
-                (r.relpath, index.errors[d.encode()]) for r, d in zip(dataset.records, digests) if d.encode() in index.errors
-            ]
+            previously_failed = [(r.relpath, index.errors[k]) for r, k in zip(dataset.records, keys) if k in index.errors]
             _raise_on_failures(run, previously_failed)
             mine_todo = dict(ranks.share(list(todo.items())))
             own = _compute(store, mine_todo, spec, config, device, run, progress, own_shards=ranks.world > 1)
@@ -234,7 +232,7 @@ def extract(
                     store.compact()
                 index = store.index()
                 dims = {o: store.width(index, o) for o in config.outputs}
-                write_export(path, store, index, _export_request(dataset, digests, config, spec, fingerprint, dims))
+                write_export(path, store, index, _export_request(dataset, keys, config, spec, fingerprint, dims))
             ranks.barrier()  # the export is complete before any rank reports it
     dims = dict(read_attrs(path).get("dims", {}))
     failed = _ledger(path)
@@ -256,7 +254,7 @@ def extract(
 
 def _export_request(
     dataset: Dataset,
-    digests: list[str],
+    keys: list[bytes],
     config: EmbeddingConfig,
     spec: BackboneSpec,
     fingerprint: str,
@@ -267,7 +265,7 @@ def _export_request(
         paths=[r.relpath for r in dataset.records],
         labels=np.array([r.label for r in dataset.records], dtype=np.int64),
         split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
-        digests=[d.encode() for d in digests],
+        digests=keys,
         attrs={
             "kind": FILE_KIND,
             "format_version": CACHE_FORMAT,
@@ -548,6 +546,7 @@ def fit_head(
     seed: int = 0,
     output: str = "embeddings",
     holdout: bool = False,
+    loaded: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None,
 ) -> FitResult:
     """Fit a head on an exported file's train split, choose its hyper-parameter on val, report every split.
 
@@ -562,6 +561,8 @@ def fit_head(
         holdout: ignore the val split while fitting: the head holds out its own validation share of
             the training rows to choose its hyper-parameter, so it sees no labels but those rows'
             (how ``bench`` counts a label budget); val is then scored as unseen data.
+        loaded: what ``load(embeddings, output=output)`` returned, when the caller has it already
+            (``bench`` fits many heads on one file and reads it once).
     """
     from .errors import HeadError
     from .evaluate import classification_metrics, diagnose
@@ -572,7 +573,7 @@ def fit_head(
 
     if kind not in HEADS:
         raise HeadError(f"unknown head {kind!r}: choose one of {', '.join(HEADS)}")
-    X, y, meta = load(embeddings, output=output)
+    X, y, meta = load(embeddings, output=output) if loaded is None else loaded
     classes = np.asarray(meta["class_names"])
     if not len(classes) or (y < 0).all():
         raise HeadError(f"{embeddings} holds unlabelled images: extract a labelled dataset (class folders or a manifest with labels)")
@@ -815,8 +816,8 @@ def _scratch_records(source: str | Path, spec: BackboneSpec, *, shots: list[int 
     return records
 
 
-def _bench_cell(embeddings: Path, backbone: str, cell: tuple[str, dict[str, Any], int | str, int, str],
-                fields: dict[str, Any]) -> dict[str, Any]:
+def _bench_cell(embeddings: Path, loaded: tuple[np.ndarray, np.ndarray, dict[str, Any]], backbone: str,
+                cell: tuple[str, dict[str, Any], int | str, int, str], fields: dict[str, Any]) -> dict[str, Any]:
     """Fit one head of the grid on a backbone's cached features; its run record, or its failure record."""
     from .bench import ALL, fit_metrics, head_protocol
     from .heads import HEADS
@@ -827,7 +828,8 @@ def _bench_cell(embeddings: Path, backbone: str, cell: tuple[str, dict[str, Any]
     accepted = HEADS[kind]().get_params()
     fit_params = {**({"random_state": seed} if "random_state" in accepted else {}), **params}
     try:
-        fit = fit_head(embeddings, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed, holdout=True)
+        fit = fit_head(embeddings, kind, params=fit_params, shots=None if budget == ALL else int(budget), seed=seed,
+                       holdout=True, loaded=loaded)
     except Exception as error:  # noqa: BLE001 - a head that cannot fit (too few labels, out of memory) becomes a row
         logger.warning("%s + %s, shots %s, seed %s failed: %s", backbone, kind, budget, seed, error)
         return {**record, "record": "error", "error": str(error), "error_type": type(error).__name__}
@@ -954,7 +956,8 @@ def bench(
                             "error_type": type(error).__name__})
             save()
             continue
-        _, labels, meta = load(extracted.path, output="embeddings")
+        loaded = load(extracted.path, output="embeddings")  # once: every head, budget and seed fits on it
+        _, labels, meta = loaded
         backbone_fields = {
             **base, **backbone_record(config, labels, meta, split), "embedding_dim": extracted.dims.get(OUTPUT_EMBEDDING),
             "param_count": params_count, "extract_images_per_second": rate, "throughput_source": how,
@@ -963,7 +966,7 @@ def bench(
         }
         with progress(f"{spec.name}: head fits", len(todo)) as advance:
             for cell in todo:
-                records.append(_bench_cell(extracted.path, spec.name, cell, backbone_fields))
+                records.append(_bench_cell(extracted.path, loaded, spec.name, cell, backbone_fields))
                 fitted += records[-1]["record"] == "run"
                 advance(1)
         save()

@@ -122,7 +122,7 @@ def test_curvature_carried_along_the_C_path_reaches_each_cold_optimum() -> None:
     Cs = np.logspace(-3, 2, 6)
     solver = LogisticProbe(Cs=list(Cs), solver="torch", tol=1e-6, device="cpu")
     solver.classes_ = np.unique(y)
-    path = solver._solver(X, y, solver._fit_normalizer(X))
+    path = solver._solver(solver._fit_normalizer(X), y)
     state = None
     for C in Cs:
         coef, intercept, _ = path.solve(float(C), state)
