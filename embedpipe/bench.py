@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ._atomic import write_atomically
 from .config import BackboneSpec, EmbeddingConfig, SplitConfig, digest_of
 from .errors import EmbedpipeError
 
@@ -351,17 +353,12 @@ def write_results(out: str | Path, records: list[dict[str, Any]]) -> None:
     """``results.json`` (a list of flat records) and ``results.csv`` (the same, one row each), written atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=1, default=str) + "\n"
-    tmp = out / f".{RESULTS_JSON}.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / RESULTS_JSON)
+    write_atomically(out / RESULTS_JSON, (json.dumps(records, indent=1, default=str) + "\n").encode())
     columns: dict[str, None] = {}
     for record in records:
         columns.update(dict.fromkeys(record))
-    tmp = out / f".{RESULTS_CSV}.tmp"
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: _csv_cell(record.get(k)) for k in columns})
-    tmp.replace(out / RESULTS_CSV)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows({k: _csv_cell(record.get(k)) for k in columns} for record in records)
+    write_atomically(out / RESULTS_CSV, table.getvalue().encode())

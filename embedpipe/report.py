@@ -97,6 +97,10 @@ def _chosen_over_seeds(chosen: list[str]) -> str:
     return "; ".join(dict.fromkeys(chosen))
 
 
+def _budget(shots: Any) -> str:
+    return "all labels" if shots == ALL else f"{shots} labels per class"
+
+
 def _pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "–"
@@ -165,14 +169,14 @@ def _best(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The findings in plain sentences, most important first (plain text; the HTML escapes it)."""
     scored = [s for s in summaries if s["accuracy_mean"] is not None]
+    frozen = [s for s in scored if s["head"] != SCRATCH]
     best = _best(summaries)
     if best is None:
         return ["No run finished: see the failures below."] if errors else ["No results yet."]
     seeds = f"over {best['n_seeds']} seed{'s' if best['n_seeds'] > 1 else ''}"
     std = f" ± {best['accuracy_std'] * POINTS:.1f}" if best["accuracy_std"] else ""
-    labels = "all labels" if best["shots"] == ALL else f"{best['shots']} labels per class"
     lines = [
-        f"Best: {best['backbone']} + {best['head']} with {labels}: test accuracy {best['accuracy_mean'] * POINTS:.1f}%{std} "
+        f"Best: {best['backbone']} + {best['head']} with {_budget(best['shots'])}: test accuracy {best['accuracy_mean'] * POINTS:.1f}%{std} "
         f"(balanced {best['balanced_accuracy_mean'] * POINTS:.1f}%) {seeds}"
         + (f"; always guessing the majority class scores {best['majority_accuracy'] * POINTS:.1f}%." if best.get("majority_accuracy") else ".")
     ]
@@ -181,12 +185,11 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
     fair = max(balanced, key=lambda s: s["balanced_accuracy_mean"]) if balanced else best
     noise = max(fair["balanced_accuracy_std"] or 0.0, best["balanced_accuracy_std"] or 0.0)
     if fair is not best and fair["balanced_accuracy_mean"] - best["balanced_accuracy_mean"] > max(noise, 0.001):
-        fair_labels = "all labels" if fair["shots"] == ALL else f"{fair['shots']} labels per class"
         lines.append(f"By balanced accuracy (every class weighted equally) the best is {fair['backbone']} + {fair['head']} with "
-                     f"{fair_labels}: {fair['balanced_accuracy_mean'] * POINTS:.1f}% (accuracy {fair['accuracy_mean'] * POINTS:.1f}%).")
+                     f"{_budget(fair['shots'])}: {fair['balanced_accuracy_mean'] * POINTS:.1f}% (accuracy {fair['accuracy_mean'] * POINTS:.1f}%).")
     # Cost: the fastest backbone within one point of the best at the same label budget.
-    same_budget = [s for s in summaries if s["shots"] == best["shots"] and s["head"] != SCRATCH and s["accuracy_mean"] is not None]
-    close = [s for s in same_budget if s["accuracy_mean"] >= best["accuracy_mean"] - 0.01 and s["extract_images_per_second"]]
+    close = [s for s in frozen if s["shots"] == best["shots"] and s["accuracy_mean"] >= best["accuracy_mean"] - 0.01
+             and s["extract_images_per_second"]]
     if close and best["extract_images_per_second"]:
         fastest = max(close, key=lambda s: s["extract_images_per_second"])
         # Only a clear difference in speed (20%) is worth a sentence; less is within the noise of a shared machine.
@@ -197,10 +200,10 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
                 f"against {best['extract_images_per_second']:.0f} img/s."
             )
     # Labels: the best result at the smallest budget, against the best at the largest.
-    budgets = sorted({s["shots"] for s in scored if s["head"] != SCRATCH}, key=_shots_order)
+    budgets = sorted({s["shots"] for s in frozen}, key=_shots_order)
     if len(budgets) > 1:
         def top(budget: Any) -> dict[str, Any]:
-            return max((s for s in scored if s["shots"] == budget and s["head"] != SCRATCH), key=lambda s: s["accuracy_mean"])
+            return max((s for s in frozen if s["shots"] == budget), key=lambda s: s["accuracy_mean"])
 
         low, high = top(budgets[0]), top(budgets[-1])
         high_labels = "all labels" if high["shots"] == ALL else f"{high['shots']} per class"
@@ -213,9 +216,9 @@ def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any
         )
     scratch = {(s["backbone"], str(s["shots"])): s for s in scored if s["head"] == SCRATCH}
     for (backbone, shots), s in scratch.items():
-        frozen = [f for f in scored if f["backbone"] == backbone and str(f["shots"]) == shots and f["head"] != SCRATCH]
-        if frozen:
-            f = max(frozen, key=lambda f: f["accuracy_mean"])
+        rivals = [f for f in frozen if f["backbone"] == backbone and str(f["shots"]) == shots]
+        if rivals:
+            f = max(rivals, key=lambda f: f["accuracy_mean"])
             lines.append(
                 f"Pretraining buys {(f['accuracy_mean'] - s['accuracy_mean']) * POINTS:+.1f} points on {backbone} with {shots} labels "
                 f"per class: frozen features + {f['head']} {f['accuracy_mean'] * POINTS:.1f}% vs trained from scratch {s['accuracy_mean'] * POINTS:.1f}%."
@@ -361,8 +364,7 @@ def plot_pareto(summaries: Sequence[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("extraction throughput (images/s)")
     _clip_percent(ax)
     ax.set_ylabel("test accuracy (%)")
-    labels = "all labels" if budget == ALL else f"{budget} labels per class"
-    ax.set_title(f"Quality vs cost ({labels}; up and right is better)", fontsize=11)
+    ax.set_title(f"Quality vs cost ({_budget(budget)}; up and right is better)", fontsize=11)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, path)
@@ -388,8 +390,7 @@ def plot_confusion(run: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    labels = "all labels" if run["shots"] == ALL else f"{run['shots']} labels per class"
-    ax.set_title(f"{run['backbone']} + {run['head']}, {labels}, seed {run['seed']}\n"
+    ax.set_title(f"{run['backbone']} + {run['head']}, {_budget(run['shots'])}, seed {run['seed']}\n"
                  f"test accuracy {run['accuracy'] * POINTS:.1f}% (n={run['n_test']})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     return _save(fig, path)
@@ -426,11 +427,11 @@ def plot_finetune(name: str, epochs: Sequence[dict[str, Any]], summary: dict[str
         marks = {k: next((r for r, e in zip(reversed(rows), reversed(x)) if e == v), None) for k, v in marks.items()}
         x = rows
     for ax, metric, label in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy")):
-        for part, style in (("train", "-"), ("val", "-")):
+        scale = POINTS if metric == "acc" else 1
+        for part in ("train", "val"):
             values = [(xi, e.get(f"{part}_{metric}")) for xi, e in zip(x, epochs) if e.get(f"{part}_{metric}") is not None]
             if values:
-                scale = POINTS if metric == "acc" else 1
-                ax.plot([v[0] for v in values], [v[1] * scale for v in values], style, marker=".", label=part)
+                ax.plot([v[0] for v in values], [v[1] * scale for v in values], "-", marker=".", label=part)
         phases = [(xi, e.get("phase")) for xi, e in zip(x, epochs)]
         if len({p for _, p in phases}) > 1:
             ax.text(phases[0][0], 0.02, f" {phases[0][1]}", transform=ax.get_xaxis_transform(), fontsize=7, color="grey")
