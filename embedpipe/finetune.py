@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ._atomic import write_atomically
 from .config import AUGMENTS, MONITORS, SCHEDULES, UNFREEZE_CHOICES, FineTuneConfig, PreprocessConfig, RunConfig
 from .errors import FineTuneError, ImageDecodeError
-from .inference import DECODE_ERRORS, default_batch_size, default_workers
+from .inference import _AUTOCAST_DTYPES, DECODE_ERRORS, default_batch_size, default_workers
 from .preprocess import decode_image, eval_transform, normalize, resize_target
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,6 @@ CURVES_FILE = "curves.png"
 HEAD_DIR = "head"
 
 METRIC_KEYS = ("phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "head_lr", "seconds", "improved")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Augmentations, as timm's create_transform(is_training=True) arguments. Crops keep at least half
 # (standard) or a quarter (strong) of the image, so a small object or defect rarely leaves the frame.
 _AUGMENT_ARGS: dict[str, dict[str, Any]] = {
@@ -159,13 +158,6 @@ class LayerGroups:
         return {name for name in backbone if self.layer_of[name] in chosen}
 
 
-def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
-    """``("fc.",)``, ``("head.fc.",)``...: the modules ``pretrained_cfg["classifier"]`` names."""
-    from .weights import _classifier_prefixes
-
-    return _classifier_prefixes(model)
-
-
 def layer_groups(model: torch.nn.Module) -> LayerGroups:
     """Number the parameters with timm's own ``group_matcher(coarse=False)``.
 
@@ -173,12 +165,13 @@ def layer_groups(model: torch.nn.Module) -> LayerGroups:
         FineTuneError: the model names no classifier or has no group matcher.
     """
     from ._compat import ensure_torchvision_importable
+    from .weights import _classifier_prefixes
 
     ensure_torchvision_importable()
     from timm.models._manipulate import group_parameters
 
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    prefixes = classifier_prefixes(model)
+    prefixes = _classifier_prefixes(model)  # ("fc.",), ("head.fc.",)...: pretrained_cfg["classifier"]
     if not prefixes or not hasattr(model, "group_matcher"):
         raise FineTuneError(f"{arch} has no classifier or group_matcher in timm, so fine-tune cannot tell its layers apart")
     groups = group_parameters(model, model.group_matcher(coarse=False))
@@ -415,8 +408,8 @@ def write_json(path: Path, data: Any) -> None:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.generic, torch.Tensor)):
         return value.item()
-    if isinstance(value, (Path, tuple)):
-        return str(value) if isinstance(value, Path) else list(value)
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
@@ -439,10 +432,6 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return load_file(str(path)), {k: json.loads(v) for k, v in raw.items()}
     except Exception as error:  # safetensors raises its own errors, OS and JSON ones
         raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}): start a new run with another --out") from None
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- memory
@@ -513,9 +502,10 @@ class _Trainer:
         out: Path,
         identity: dict[str, Any],
         progress: Callable[[str, int], Any],
-        on_epoch: Callable[[dict[str, Any]], None] | None,
-        initial_is_candidate: bool,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        initial_is_candidate: bool = True,
     ) -> None:
+        check_config(config)
         self.model, self.splits, self.preprocess = model, splits, preprocess
         self.initial_is_candidate = initial_is_candidate
         self.device, self.config, self.run_config, self.out = device, config, run, out
@@ -528,8 +518,7 @@ class _Trainer:
         self.device_type = device.split(":")[0]
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
-        workers = default_workers(device) if run.num_workers is None else run.num_workers
-        self.workers = min(workers, max(0, math.ceil(len(splits.train) / config.batch_size)))
+        self.workers = default_workers(device) if run.num_workers is None else run.num_workers
         self.train_data = LabelledImages(splits.train, train_transform(preprocess, config.augment), preprocess)
         eval_tf = eval_transform(preprocess)
         self.val_data = LabelledImages(splits.val, eval_tf, preprocess)
@@ -552,9 +541,8 @@ class _Trainer:
     # ----------------------------------------------------------------- data passes
 
     def _loader(self, data: LabelledImages, *, shuffle: bool, generator: torch.Generator | None = None, batch: int) -> Any:
-        workers = self.workers if shuffle else min(self.workers, math.ceil(len(data) / batch))
         return torch.utils.data.DataLoader(
-            data, batch_size=batch, shuffle=shuffle, generator=generator, num_workers=workers,
+            data, batch_size=batch, shuffle=shuffle, generator=generator, num_workers=min(self.workers, math.ceil(len(data) / batch)),
             pin_memory=self.device_type == "cuda", persistent_workers=False,
         )
 
@@ -576,9 +564,7 @@ class _Trainer:
             yield normalize(x, self.preprocess), labels.to(self.device)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.autocast is None:
-            return self.model(x).float()
-        with torch.autocast(device_type=self.device_type, dtype=self.autocast):
+        with torch.autocast(self.device_type, dtype=self.autocast) if self.autocast else contextlib.nullcontext():
             return self.model(x).float()
 
     def evaluate(self, data: LabelledImages) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -606,30 +592,41 @@ class _Trainer:
         steps_per_epoch = max(1, math.ceil(len(loader) / config.accum_steps))
         per_step = config.schedule_unit == "step"
         units, total = (steps_per_epoch, length * steps_per_epoch) if per_step else (1, length)
-        loss_sum, correct, seen, pending = 0.0, 0, 0, 0
-        lr = config.lr
+
+        def step() -> float:
+            unit = self.step if per_step else self.phase_epoch - 1
+            lr = config.lr * lr_factor(config, unit, total, units)
+            set_lr(optimizer, lr)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            return lr
+
+        # Per-batch loss and hits stay on the device until the epoch ends: no host sync per batch.
+        losses: list[torch.Tensor] = []
+        hits: list[torch.Tensor] = []
+        sizes: list[int] = []
+        lr, pending = config.lr, 0
         with self.progress(f"epoch {epoch} ({self.phases[self.phase_index][0]})", len(self.train_data)) as advance:
-            for i, (x, y) in enumerate(self._batches(loader, self.train_data.split)):
+            for x, y in self._batches(loader, self.train_data.split):
                 logits = self._forward(x)
                 loss = F.cross_entropy(logits, y)
                 self.scaler.scale(loss / config.accum_steps).backward()
                 pending += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
+                losses.append(loss.detach())
+                hits.append((logits.detach().argmax(1) == y).sum())
+                sizes.append(len(y))
                 advance(len(y))
-                if pending == config.accum_steps or i == len(loader) - 1:
-                    unit = self.step if per_step else self.phase_epoch - 1
-                    lr = config.lr * lr_factor(config, unit, total, units)
-                    set_lr(optimizer, lr)
-                    self.scaler.step(optimizer)
-                    self.scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    pending = 0
+                if pending == config.accum_steps:
+                    lr, pending = step(), 0
+            if pending:  # the epoch's last, shorter accumulation
+                lr = step()
+        seen = sum(sizes)
         if not seen:
             raise FineTuneError("no training image could be decoded: check the dataset (embedpipe cache info lists bad files)")
-        return loss_sum / seen, correct / seen, lr
+        loss_sum = sum(value * n for value, n in zip(torch.stack(losses).tolist(), sizes))
+        return loss_sum / seen, sum(torch.stack(hits).tolist()) / seen, lr
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -736,6 +733,7 @@ class _Trainer:
     def run(self, *, resume: bool) -> Outcome:
         started = time.perf_counter()
         saved: dict[str, Any] | None = None
+        self.out.mkdir(parents=True, exist_ok=True)
         check_out_folder(self.out, resume=resume)
         if resume:
             saved = self._load_last()
@@ -750,22 +748,18 @@ class _Trainer:
         base_elapsed = self.elapsed
         while self.phase_index < len(self.phases):
             name, length = self.phases[self.phase_index]
-            if self.phase_finished:
-                self.phase_index, self.phase_epoch, self.phase_finished, saved = self.phase_index + 1, 0, False, None
-                continue
             if self.phase_epoch == 0:
                 self._restore_best()  # the second phase starts from the best weights of the first
                 self.bad_epochs, self.step = 0, 0
                 self._build_optimizer()
                 self.phase_log.append({"phase": name, "epochs": 0, "stop_reason": None,
                                        "trainable_params": self._trainable_count(), "peak_memory_bytes": 0})
-            else:
+            elif not self.phase_finished:  # resumed within the phase (one resumed at its end just moves on)
                 self._build_optimizer(saved)
-            saved = None
             reset_peak_memory(self.device)
             while self.phase_epoch < length and not self.phase_finished:
                 self._epoch(name, length, base_elapsed + time.perf_counter() - started)
-            self.phase_index, self.phase_epoch, self.phase_finished = self.phase_index + 1, 0, False
+            self.phase_index, self.phase_epoch, self.phase_finished, saved = self.phase_index + 1, 0, False, None
         self._restore_best()  # the best epoch, or the starting weights when no epoch was finite
         if not self.best:
             self.best = {"epoch": 0, "phase": "init", "val_loss": self.initial["val_loss"], "val_acc": self.initial["val_acc"]}
@@ -843,26 +837,15 @@ class _Trainer:
         )
 
 
-def train(
-    model: torch.nn.Module,
-    *,
-    splits: Splits,
-    preprocess: PreprocessConfig,
-    precision: str,
-    device: str,
-    config: FineTuneConfig,
-    run: RunConfig,
-    out: Path,
-    identity: dict[str, Any],
-    resume: bool = False,
-    progress: Callable[[str, int], Any],
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    initial_is_candidate: bool = True,
-) -> Outcome:
+def train(model: torch.nn.Module, *, resume: bool = False, **options: Any) -> Outcome:
     """Fine-tune ``model`` (a timm classifier with ``len(splits.class_names)`` outputs) into ``out``.
+
+    ``options`` are :class:`_Trainer`'s keywords: ``splits``, ``preprocess``, ``precision``, ``device``,
+    ``config``, ``run``, ``out``, ``identity``, ``progress`` (required), ``on_epoch``, ``initial_is_candidate``.
 
     Args:
         model: on ``device``; its classifier already initialised (fresh or from a probe).
+        resume: continue the run in ``out`` from its last finished epoch.
         splits: train (to fit), val (to monitor, required) and test (scored once, at the end) images.
         preprocess: the backbone's eval preprocessing; training augments from it.
         precision: resolved compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler).
@@ -873,12 +856,7 @@ def train(
     Returns:
         An :class:`Outcome`; the model holds the best weights.
     """
-    check_config(config)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer = _Trainer(model, splits=splits, preprocess=preprocess, precision=precision, device=device, config=config,
-                       run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch,
-                       initial_is_candidate=initial_is_candidate)
-    return trainer.run(resume=resume)
+    return _Trainer(model, **options).run(resume=resume)
 
 
 # --------------------------------------------------------------------------- the curves
