@@ -134,6 +134,14 @@ def test_curvature_carried_along_the_C_path_reaches_each_cold_optimum() -> None:
     assert len(path._pairs) > 0  # the pairs were really carried, not dropped
 
 
+def test_a_start_at_the_exact_optimum_stops_at_once() -> None:
+    """Constant features, balanced binary labels: the prior start has a gradient of exactly zero."""
+    X, y = np.zeros((20, 3), dtype=np.float32), np.arange(20) % 2
+    probe = LogisticProbe(Cs=[1.0], solver="torch", device="cpu").fit(X, y)
+    assert probe.n_iter_ == 0
+    np.testing.assert_array_equal(probe.predict_proba(X), np.full((20, 2), 0.5))
+
+
 def test_sklearn_solver_is_sklearn() -> None:
     X, y = overlapping(400, classes=3, features=10, noise=2.0, seed=4)
     X = X.astype(np.float64)  # float64 in, float64 solve: both reach tol=1e-8

@@ -461,8 +461,10 @@ class _TorchLBFGS:
                 direction = grad.neg()
                 step = float(grad @ grad) / max(self._curvature(x, direction, proba, C), 1e-30)
             slope = float(grad @ direction)
-            if slope >= 0:  # not a descent direction (rounding): forget the history, go downhill
-                self._pairs = []
+            if slope >= 0:
+                if not self._pairs:  # the gradient is exactly zero: already at the optimum
+                    break
+                self._pairs = []  # not a descent direction (rounding): forget the history, go downhill
                 continue
             # Converged when the gradient is small (scikit-learn's test) and the step's predicted
             # decrease says the objective is within gap_rtol of its optimum: a max-abs gradient of
