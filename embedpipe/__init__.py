@@ -1,43 +1,67 @@
 """embedpipe: transfer learning on images with cached embeddings.
 
-The public API; the ``embedpipe`` command is a thin shell over it.
+The public API; the ``embedpipe`` command is a thin shell over it. Each stage lives in its own
+room, from the function a notebook calls down to the files it writes:
+
+- :mod:`embedpipe.extraction`: ``extract`` and ``load`` (images -> the cache -> an exported HDF5 file)
+- :mod:`embedpipe.cache`: the store, exports and their housekeeping (``cache_list/info/verify/remove``)
+- :mod:`embedpipe.heads`: the heads and their stage (``fit_head``, ``evaluate``, ``predict``)
+- :mod:`embedpipe.finetune`: ``fine_tune`` (the loop, the recipe, the run folder)
+- :mod:`embedpipe.bench`: ``bench`` and ``report`` (``from embedpipe.bench import bench``: the name
+  ``embedpipe.bench`` is the package)
+
+The names that need torch (heads, fine-tune, bench) are imported when first used, so
+``import embedpipe`` stays cheap.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import Any
 
-from .config import BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig  # noqa: E402
-from .errors import (  # noqa: E402
+from .allocator import keep_freed_memory
+from ._version import __version__
+from .cache import cache_info, cache_list, cache_remove, cache_verify
+from .config import BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig
+from .errors import (
     BackboneError,
+    BenchError,
     CacheError,
     DataError,
     EmbedpipeError,
     FineTuneError,
+    HeadError,
     ImageDecodeError,
     WeightsError,
 )
-from ._malloc import keep_freed_memory  # noqa: E402
-from .pipeline import (  # noqa: E402
-    ExtractResult,
-    FineTuneResult,
-    FitResult,
-    Prediction,
-    cache_info,
-    cache_list,
-    cache_remove,
-    cache_verify,
-    evaluate,
-    extract,
-    fine_tune,
-    fit_head,
-    load,
-    predict,
-)
+from .extraction import ExtractResult, extract, load
+
+# Public name -> the module that defines it, imported on first use (each pulls in torch).
+_LAZY = {
+    "FitResult": "embedpipe.heads",
+    "Prediction": "embedpipe.heads",
+    "evaluate": "embedpipe.heads",
+    "fit_head": "embedpipe.heads",
+    "predict": "embedpipe.heads",
+    "FineTuneResult": "embedpipe.finetune",
+    "fine_tune": "embedpipe.finetune",
+    "BenchResult": "embedpipe.bench",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'embedpipe' has no attribute {name!r}")
+
 
 __all__ = [
     "BackboneError",
     "BackboneSpec",
+    "BenchError",
+    "BenchResult",
     "CacheError",
     "DataError",
     "EmbeddingConfig",
@@ -47,6 +71,7 @@ __all__ = [
     "FineTuneError",
     "FineTuneResult",
     "FitResult",
+    "HeadError",
     "ImageDecodeError",
     "Prediction",
     "PreprocessConfig",

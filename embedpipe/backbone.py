@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from ._compat import ensure_torchvision_importable
 from .config import DEFAULT_BACKBONE, OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, sha256_file
 from .errors import BackboneError, WeightsError
+from .machine import cpu_has_native_bf16
 from .preprocess import resolve_preprocess
 
 logger = logging.getLogger(__name__)
@@ -103,34 +104,6 @@ def _create_from_hub(name: str) -> Any:
     finally:
         hub.HF_HUB_OFFLINE = was_offline
         hub_logger.setLevel(level)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` picks cuda, then mps, then cpu."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(f"device {device!r} asked for but CUDA is not available: pass --device cpu or auto")
-    return device
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -182,7 +182,7 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
     """
     from .config import SplitConfig
     from .distributed import is_main_process
-    from .pipeline import extract as run_extract
+    from .extraction import extract as run_extract
 
     spec = backbone_spec(kw)
     run = run_config(kw, on_error=on_error)
@@ -276,7 +276,7 @@ def fit_head(embeddings: str, kind: str, out: str | None, shots: int | None, see
         embedpipe fit-head cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --head logreg --out heads/elpv-logreg
         embedpipe fit-head cache/elpv-...h5 --head knn --shots 10 --seed 1
     """
-    from .pipeline import fit_head as run_fit
+    from .heads import fit_head as run_fit
 
     result = run_fit(embeddings, kind, out=out, params=_head_params(kind, kw), shots=shots, seed=seed, output=output)
     if as_json:
@@ -307,7 +307,7 @@ def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> No
     Example:
         embedpipe evaluate heads/elpv-logreg cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --split test
     """
-    from .pipeline import evaluate as run_evaluate
+    from .heads import evaluate as run_evaluate
 
     metrics = run_evaluate(head, embeddings, split=split)
     if as_json:
@@ -341,7 +341,7 @@ def predict(ctx: click.Context, head: str, source: str, top_k: int, out_file: st
         embedpipe predict heads/elpv-logreg path/to/new/images --top-k 2 --out predictions.csv
     """
     from .config import RunConfig
-    from .pipeline import predict as run_predict
+    from .heads import predict as run_predict
 
     run = RunConfig(device=device, batch_size=batch_size, num_workers=workers)
     predictions, failed = run_predict(
@@ -422,10 +422,9 @@ def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists
 
     from click.core import ParameterSource
 
-    from .bench import parse_shots, resolve_backbones
+    from .bench import bench as run_bench
+    from .bench import parse_shots, resolve_backbones, text_table
     from .config import SplitConfig
-    from .pipeline import bench as run_bench
-    from .report import text_table
 
     if backbones is not None and ctx.get_parameter_source("backbone") == ParameterSource.COMMANDLINE:
         raise click.UsageError("pass either --backbone or --backbones, not both")
@@ -479,9 +478,8 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
         embedpipe report reports/flowers
         embedpipe report reports/flowers --finetune-run runs/flowers-lite0
     """
-    from .bench import read_results
-    from .pipeline import report as run_report
-    from .report import markdown_table, text_table
+    from .bench import markdown_table, read_results, text_table
+    from .bench import report as run_report
 
     result = run_report(out, finetune_runs=finetune_runs)
     if as_json:
@@ -548,7 +546,7 @@ def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, 
         embedpipe fine-tune data/flowers --out runs/flowers-ft --resume
     """
     from .config import FineTuneConfig, SplitConfig
-    from .pipeline import fine_tune as run_fine_tune
+    from .finetune import fine_tune as run_fine_tune
 
     batch_size_set = ctx.get_parameter_source("batch_size") != click.core.ParameterSource.DEFAULT
     spec = backbone_spec(kw)
@@ -621,7 +619,7 @@ def cache_ls(cache_dir: str, as_json: bool) -> None:
     Example:
         embedpipe cache ls --cache-dir cache/
     """
-    from .pipeline import cache_list
+    from .cache import cache_list
 
     listing = cache_list(cache_dir)
     if as_json:
@@ -654,7 +652,7 @@ def cache_info(file: str, as_json: bool) -> None:
     Example:
         embedpipe cache info cache/flowers-tf_efficientnet_lite0-0123456789ab.h5
     """
-    from .pipeline import cache_info as info
+    from .cache import cache_info as info
 
     data = info(file)
     if as_json:
@@ -681,7 +679,7 @@ def cache_verify(target: str, check_files: bool) -> None:
     Example:
         embedpipe cache verify cache/
     """
-    from .pipeline import cache_verify as verify
+    from .cache import cache_verify as verify
 
     problems = verify(target, check_files=check_files)
     for problem in problems:
@@ -705,7 +703,7 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
         embedpipe cache rm resnet50 --cache-dir cache/
         embedpipe cache rm --all
     """
-    from .pipeline import cache_remove
+    from .cache import cache_remove
 
     if not targets and not everything:
         raise click.UsageError("name what to remove (a file, a store key or a backbone), or pass --all")
@@ -714,9 +712,9 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
 
 
 def main() -> None:
-    from ._malloc import keep_freed_memory
+    from .allocator import keep_freed_memory
 
-    keep_freed_memory()  # 1.5-1.9x faster CPU forwards; a process-wide choice, so only here (see _malloc.py)
+    keep_freed_memory()  # 1.5-1.9x faster CPU forwards; a process-wide choice, so only here (see allocator.py)
     cli(prog_name="embedpipe")
 
 

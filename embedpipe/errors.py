@@ -2,7 +2,21 @@
 
 Every message names the problem and what to do about it. Library code raises
 these; only :mod:`embedpipe.cli` turns them into a one-line message and a
-non-zero exit status.
+non-zero exit status, one per kind (2 is click's own, for a bad command line):
+
+====  ====================  ==================================================
+code  error                 what went wrong
+====  ====================  ==================================================
+1     EmbedpipeError        anything else (and ``cache verify`` finding damage)
+3     BackboneError         the backbone cannot be built
+4     CacheError            the cache cannot be read or written
+5     ImageDecodeError      an image cannot be decoded under ``--on-error fail``
+6     HeadError             a head cannot be fitted, loaded or applied
+7     FineTuneError         fine-tuning cannot start or resume
+8     BenchError            a bench cannot start, or its results are unreadable
+9     WeightsError          a weights file is unreadable or does not fit
+10    DataError             the dataset cannot be read
+====  ====================  ==================================================
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ class EmbedpipeError(Exception):
 class DataError(EmbedpipeError):
     """The dataset cannot be read: missing folder, bad manifest, no images."""
 
-    exit_code = 2
+    exit_code = 10
 
 
 class BackboneError(EmbedpipeError):
@@ -28,6 +42,8 @@ class BackboneError(EmbedpipeError):
 
 class WeightsError(BackboneError):
     """A weights file is unreadable or does not fit the architecture."""
+
+    exit_code = 9
 
 
 class CacheError(EmbedpipeError):
@@ -56,3 +72,9 @@ class FineTuneError(EmbedpipeError):
     """Fine-tuning cannot start or resume: bad options, no validation split, a foreign run folder."""
 
     exit_code = 7
+
+
+class BenchError(EmbedpipeError):
+    """A bench cannot start: bad grid, unknown backbone list, results of another format."""
+
+    exit_code = 8

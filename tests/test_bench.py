@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import embedpipe.pipeline as pipeline
+import embedpipe.bench.grid as grid
 from embedpipe import BackboneSpec, RunConfig, SplitConfig
 from embedpipe.bench import BenchError, parse_shots, read_results, resolve_backbones, scratch_record
-from embedpipe.report import PLOT_CONFUSION, PLOT_PARETO, PLOT_SHOTS
+from embedpipe.bench import PLOT_CONFUSION, PLOT_PARETO, PLOT_SHOTS
 
 BACKBONES = ("test_resnet", "test_efficientnet")
 BOGUS = "not_a_backbone_xyz"
@@ -31,14 +31,14 @@ TINY = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_siz
 RUN = RunConfig(device="cpu", batch_size=8, num_workers=0)
 
 
-def _bench(source: Path, out: Path, cache: Path, **kw: Any) -> pipeline.BenchResult:
+def _bench(source: Path, out: Path, cache: Path, **kw: Any) -> grid.BenchResult:
     specs = [replace(TINY, name=name) for name in kw.pop("backbones", (*BACKBONES, BOGUS))]
-    return pipeline.bench(source, specs, heads=kw.pop("heads", HEADS), shots=kw.pop("shots", SHOTS), seeds=kw.pop("seeds", SEEDS),
+    return grid.bench(source, specs, heads=kw.pop("heads", HEADS), shots=kw.pop("shots", SHOTS), seeds=kw.pop("seeds", SEEDS),
                           out=out, cache_dir=cache, run=RUN, **kw)
 
 
 @pytest.fixture(scope="module")
-def benched(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[pipeline.BenchResult, Path]:
+def benched(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[grid.BenchResult, Path]:
     """One 2 backbones (+ a bogus one) x 2 heads x 2 shots x 2 seeds bench; read-only, copy before changing it."""
     root = tmp_path_factory.mktemp("bench")
     return _bench(image_tree, root / "out", root / "cache"), root / "cache"
@@ -52,7 +52,7 @@ def _runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["record"] == "run" and not r["error"]]
 
 
-def test_grid_gives_every_row_file_and_plot(benched: tuple[pipeline.BenchResult, Path]) -> None:
+def test_grid_gives_every_row_file_and_plot(benched: tuple[grid.BenchResult, Path]) -> None:
     result, _ = benched
     out = result.out
     runs = _runs(result.records)
@@ -99,7 +99,7 @@ def test_grid_gives_every_row_file_and_plot(benched: tuple[pipeline.BenchResult,
     assert "Best:" in page and "<table" in page and "Protocol" in page and "Environment" in page
 
 
-def test_bogus_backbone_becomes_an_error_row_and_the_rest_completes(benched: tuple[pipeline.BenchResult, Path]) -> None:
+def test_bogus_backbone_becomes_an_error_row_and_the_rest_completes(benched: tuple[grid.BenchResult, Path]) -> None:
     result, _ = benched
     errors = [r for r in result.records if r["error"]]
     assert [r["backbone"] for r in errors] == [BOGUS]
@@ -108,12 +108,12 @@ def test_bogus_backbone_becomes_an_error_row_and_the_rest_completes(benched: tup
     assert BOGUS in (result.out / "report.html").read_text()
 
 
-def test_skip_existing_refits_nothing_finished(benched: tuple[pipeline.BenchResult, Path], image_tree: Path, tmp_path: Path,
+def test_skip_existing_refits_nothing_finished(benched: tuple[grid.BenchResult, Path], image_tree: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     result, cache = benched
     out = _copy(result.out, tmp_path)
     calls = {"fit_head": 0, "extract": []}
-    fit_head, extract = pipeline.fit_head, pipeline.extract
+    fit_head, extract = grid.fit_head, grid.extract
 
     def counting_fit(*args: Any, **kw: Any) -> Any:
         calls["fit_head"] += 1
@@ -123,8 +123,8 @@ def test_skip_existing_refits_nothing_finished(benched: tuple[pipeline.BenchResu
         calls["extract"].append(spec.name)
         return extract(source, spec, **kw)
 
-    monkeypatch.setattr(pipeline, "fit_head", counting_fit)
-    monkeypatch.setattr(pipeline, "extract", counting_extract)
+    monkeypatch.setattr(grid, "fit_head", counting_fit)
+    monkeypatch.setattr(grid, "extract", counting_extract)
     again = _bench(image_tree, out, cache, skip_existing=True)
     assert calls["fit_head"] == 0 and again.fitted == 0 and again.reused == 16
     assert calls["extract"] == [BOGUS]  # failures are retried; finished backbones are not even extracted
@@ -138,18 +138,18 @@ def test_skip_existing_refits_nothing_finished(benched: tuple[pipeline.BenchResu
     assert len(_runs(grown.records)) == 24
 
 
-def test_report_rerenders_identically(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
+def test_report_rerenders_identically(benched: tuple[grid.BenchResult, Path], tmp_path: Path) -> None:
     result, _ = benched
     out = _copy(result.out, tmp_path)
     for name in ("report.html", PLOT_SHOTS, PLOT_PARETO, PLOT_CONFUSION):
         (out / name).unlink()
-    rendered = pipeline.report(out)
+    rendered = grid.report(out)
     assert rendered.html == out / "report.html"
     for name in ("report.html", PLOT_SHOTS, PLOT_PARETO, PLOT_CONFUSION):
         assert (out / name).read_bytes() == (result.out / name).read_bytes(), name
 
 
-def test_scratch_rows_are_drawn_on_the_shots_plot(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
+def test_scratch_rows_are_drawn_on_the_shots_plot(benched: tuple[grid.BenchResult, Path], tmp_path: Path) -> None:
     result, _ = benched
     out = _copy(result.out, tmp_path)
     records = read_results(out)
@@ -163,7 +163,7 @@ def test_scratch_rows_are_drawn_on_the_shots_plot(benched: tuple[pipeline.BenchR
     failed = scratch_record(common, spec=TINY, split=SplitConfig(), shots=2, seed=9, run_dir=tmp_path, error=MemoryError("out of memory"))
     assert failed["record"] == "error" and failed["error"] == "out of memory"
     (out / "results.json").write_text(json.dumps(records + scratch + [failed]))
-    rendered = pipeline.report(out)
+    rendered = grid.report(out)
     assert ("test_resnet", "scratch") in rendered.series and ("test_resnet", "logreg") in rendered.series
     row = next(s for s in rendered.summaries if s["head"] == "scratch" and s["shots"] == "all")
     assert row["accuracy_mean"] == pytest.approx(0.87) and row["train_per_class"] == next(
@@ -207,11 +207,11 @@ def test_baseline_scratch_trains_the_same_architecture_on_each_label_budget(imag
     assert again.fitted == 0  # the finished scratch runs are kept
 
 
-def test_finetune_run_curves_in_the_report(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
+def test_finetune_run_curves_in_the_report(benched: tuple[grid.BenchResult, Path], tmp_path: Path) -> None:
     result, _ = benched
     out = _copy(result.out, tmp_path)
     run_dir = _finetune_run(tmp_path / "runs" / "shapes-lite0")
-    rendered = pipeline.report(out, finetune_runs=[run_dir])
+    rendered = grid.report(out, finetune_runs=[run_dir])
     plot = rendered.plots["finetune shapes-lite0"]
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.width > 400
@@ -220,9 +220,9 @@ def test_finetune_run_curves_in_the_report(benched: tuple[pipeline.BenchResult, 
     assert page.count("data:image/png;base64,") == 4
     # Stored with the results, so a plain re-render keeps it.
     shutil.rmtree(run_dir)
-    assert pipeline.report(out).html.read_text() == page
+    assert grid.report(out).html.read_text() == page
     with pytest.raises(BenchError, match="not a readable fine-tune run"):
-        pipeline.report(out, finetune_runs=[tmp_path / "runs" / "missing"])
+        grid.report(out, finetune_runs=[tmp_path / "runs" / "missing"])
 
 
 def test_grid_arguments(tmp_path: Path) -> None:
@@ -291,7 +291,7 @@ def _chromium(page: Path, profile: Path) -> tuple[dict[str, Any] | None, list[st
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
                     reason="chromium is not installed (apt-get install chromium; .ci/run installs it where apt works)")
-def test_report_renders_in_headless_chromium(benched: tuple[pipeline.BenchResult, Path], tmp_path: Path) -> None:
+def test_report_renders_in_headless_chromium(benched: tuple[grid.BenchResult, Path], tmp_path: Path) -> None:
     result, _ = benched
     out = _copy(result.out, tmp_path)
     seen, console = _chromium(out / "report.html", tmp_path / "profile")

@@ -132,7 +132,7 @@ def test_bf16_embeddings_stay_close_to_fp32_on_real_weights(tmp_path: Path) -> N
 
 
 def test_the_command_tunes_glibc_malloc_and_the_library_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
-    import embedpipe._malloc as malloc
+    import embedpipe.allocator as malloc
     from embedpipe.cli import main
 
     assert malloc.keep_freed_memory() is True  # glibc on Linux: both thresholds accepted

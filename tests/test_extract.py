@@ -21,7 +21,7 @@ import embedpipe
 from embedpipe import BackboneSpec, RunConfig
 from embedpipe.backbone import load_backbone
 from embedpipe.errors import BackboneError, CacheError, ImageDecodeError
-from embedpipe.pipeline import resolve
+from embedpipe.extraction import resolve
 from embedpipe.preprocess import decode_image, eval_transform, normalize, resize_target
 
 from .conftest import draw, make_tree
@@ -204,7 +204,7 @@ def test_full_disk_fails_cleanly_and_keeps_the_cache(tree_copy: Path, tmp_path: 
             raise OSError(errno.ENOSPC, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr("embedpipe.cache.os.replace", full_after_one)
+    monkeypatch.setattr("embedpipe.cache.export.os.replace", full_after_one)
     with pytest.raises(CacheError, match="free disk space"):
         embedpipe.extract(tree_copy, spec, cache_dir=cache, run=dataclasses.replace(run, batch_size=2))
     monkeypatch.undo()

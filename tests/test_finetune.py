@@ -24,7 +24,8 @@ from embedpipe.config import FineTuneConfig
 from embedpipe.errors import FineTuneError, HeadError
 from embedpipe.finetune import layer_groups, linear_from_probe, lr_factor, param_groups, set_lr, set_trainable
 from embedpipe.heads import LogisticProbe
-from embedpipe.pipeline import evaluate, fine_tune, fit_head
+from embedpipe.finetune import fine_tune
+from embedpipe.heads import evaluate, fit_head
 
 TINY = ("test_resnet", "test_efficientnet", "test_vit", "test_convnext")
 # Small and quick: 15 train, 3 val, 6 test images at 64 px, batches of 8, no augmentation noise in timing.
@@ -42,7 +43,7 @@ def timm_model(name: str, classes: int = 3) -> torch.nn.Module:
     return model
 
 
-def ft(data: Path, spec: BackboneSpec, out: Path, run: RunConfig, **config: object) -> embedpipe.pipeline.FineTuneResult:
+def ft(data: Path, spec: BackboneSpec, out: Path, run: RunConfig, **config: object) -> embedpipe.FineTuneResult:
     return fine_tune(data, spec, out=out, config=FineTuneConfig(**{**QUICK, **config}), cache_dir=out.parent / "cache", run=run)
 
 
@@ -145,7 +146,7 @@ def test_train_mode_follows_what_trains() -> None:
 @pytest.mark.parametrize("augment", ["standard", "strong"])
 def test_augmentations_keep_the_input_shape(augment: str, image_tree: Path) -> None:
     from embedpipe.finetune import train_transform
-    from embedpipe.pipeline import resolve
+    from embedpipe.extraction import resolve
     from embedpipe.preprocess import decode_image
 
     preprocess = resolve(BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}), "cpu").preprocess

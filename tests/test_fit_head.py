@@ -14,8 +14,8 @@ import pytest
 import embedpipe
 from embedpipe import BackboneSpec, RunConfig
 from embedpipe.errors import HeadError
-from embedpipe.headfile import load_head
-from embedpipe.pipeline import evaluate, fit_head, predict
+from embedpipe.heads import load_head
+from embedpipe.heads import evaluate, fit_head, predict
 
 from .conftest import make_tree
 

@@ -12,33 +12,20 @@ numpy arrays plus a JSON-able dict, so it can be stored without pickle::
 
 The shared machinery of the three heads (state format, label encoding,
 validation split, device and thread handling) lives in :mod:`.base`;
-the heads themselves are in :mod:`.logreg`, :mod:`.mlp` and :mod:`.knn`.
+the heads themselves are in :mod:`.logreg`, :mod:`.mlp` and :mod:`.knn`; the name -> class
+registry in :mod:`.registry`. The stage that uses them on exported files (``fit_head``,
+``evaluate``, ``predict``) is :mod:`.stage`, and a saved head's folder format :mod:`.headfile`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-
-from ..errors import HeadError
 from .base import STATE_FORMAT, Head
+from .headfile import HeadInfo, load_head, save_head
 from .knn import KNNHead
 from .logreg import LogisticProbe
 from .mlp import MLPHead
+from .registry import HEADS, from_state
+from .stage import FitResult, Prediction, evaluate, few_shot_indices, fit_head, predict
 
-# Registry: name used on the command line -> head class; each is a scikit-learn classifier with
-# ``fit(X, y, *, X_val=None, y_val=None)`` and ``get_state()`` / ``from_state(arrays, meta)``.
-HEADS: dict[str, type[Head]] = {"logreg": LogisticProbe, "mlp": MLPHead, "knn": KNNHead}
-
-
-def from_state(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Head:
-    """Rebuild whichever head ``meta["head"]`` names (see :meth:`Head.from_state`)."""
-    by_class = {cls.__name__: cls for cls in HEADS.values()}
-    if meta.get("head") not in by_class:
-        raise HeadError(f"head state names {meta.get('head')!r}, which is none of {sorted(by_class)}: refit the head")
-    return by_class[meta["head"]].from_state(arrays, meta)
-
-
-__all__ = ["HEADS", "STATE_FORMAT", "Head", "KNNHead", "LogisticProbe", "MLPHead", "from_state"]
+__all__ = ["HEADS", "STATE_FORMAT", "FitResult", "Head", "HeadInfo", "KNNHead", "LogisticProbe", "MLPHead", "Prediction",
+           "evaluate", "few_shot_indices", "fit_head", "from_state", "load_head", "predict", "save_head"]

@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from threadpoolctl import threadpool_limits
 
 from ..errors import HeadError
+from ..machine import available_cores, resolve_device
 
 # Version of the (arrays, meta) pair written by ``Head.get_state``; bump it on any
 # change that an older reader would misread.
@@ -30,19 +31,9 @@ STATE_FORMAT = 1
 _FLOATS = [np.float32, np.float64]
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` means the GPU when torch sees one, else the CPU; anything else goes to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+def torch_device(device: str | torch.device) -> torch.device:
+    """A head's ``device`` parameter as a torch device, resolved as everywhere (:func:`embedpipe.machine.resolve_device`)."""
+    return torch.device(resolve_device(str(device)))
 
 
 # How long a measurement of idle cores is reused: repeated small fits (a C sweep, a test

@@ -18,7 +18,7 @@ import torch
 from sklearn.utils import check_random_state
 
 from ..errors import HeadError
-from .base import Head, resolve_device, torch_threads
+from .base import Head, torch_device, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class KNNHead(Head):
         grid = sorted({min(int(k), n_bank) for k in self.k_grid if int(k) >= 1})
         if not grid:
             raise HeadError(f"k_grid={self.k_grid!r} has no value >= 1: try (1, 5, 10, 20, 50, 100)")
-        device = resolve_device(self.device)
+        device = torch_device(self.device)
         with torch_threads(self.n_jobs), torch.inference_mode():
             bank_t = torch.as_tensor(bank, device=device)
             sims, idx = top_k(
@@ -188,7 +188,7 @@ class KNNHead(Head):
         return best
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
-        device = resolve_device(self.device)
+        device = torch_device(self.device)
         with torch_threads(self.n_jobs), torch.inference_mode():
             bank = torch.as_tensor(self.features_, device=device)
             sims, idx = top_k(torch.as_tensor(l2_normalize(X), device=device), bank, self.k_)

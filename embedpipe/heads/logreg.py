@@ -36,7 +36,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize as l2_normalize
 
 from ..errors import HeadError
-from .base import Head, resolve_device, stratified_split, torch_threads
+from .base import Head, torch_device, stratified_split, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class LogisticProbe(Head):
             50k x 2048 on 2 cores, ``torch.var_mean`` alone 1.0 s; this takes 0.3 s).
         """
         on_torch = self.solver == "torch"
-        Z = torch.as_tensor(X, device=resolve_device(self.device) if on_torch else "cpu")
+        Z = torch.as_tensor(X, device=torch_device(self.device) if on_torch else "cpu")
         if self.normalize == "standard":
             mean = Z.mean(dim=0)
             Z = Z - mean

@@ -23,7 +23,7 @@ from sklearn.utils import check_random_state
 from torch import nn
 
 from ..errors import HeadError
-from .base import Head, resolve_device, stratified_split, torch_threads
+from .base import Head, torch_device, stratified_split, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MLPHead(Head):
         self.mean_ = scaler.mean_.astype(np.float32)
         self.scale_ = scaler.scale_.astype(np.float32)
         weights = self._class_weights(y)
-        device = resolve_device(self.device)
+        device = torch_device(self.device)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         with torch_threads(self.n_jobs), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -214,7 +214,7 @@ class MLPHead(Head):
         return net.to(device).eval()
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
-        device = resolve_device(self.device)
+        device = torch_device(self.device)
         with torch_threads(self.n_jobs), torch.inference_mode():
             net = self._network(device)
             Xt = self._tensor(X, device)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bench import ALL, FINETUNE_DIR, REPORT_HTML, SCRATCH, BenchError
+from ..errors import BenchError
+from .records import ALL, FINETUNE_DIR, REPORT_HTML, SCRATCH, read_finetune_run
 
 # Fields a summary copies from its runs (the same for every seed of one backbone x head x shots).
 _CONSTANT = ("backbone", "weights", "pretrained", "head", "shots", "embedding_dim", "param_count", "extract_images_per_second",
@@ -397,22 +398,6 @@ def plot_confusion(run: dict[str, Any], path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- fine-tune runs
-
-
-def read_finetune_run(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A fine-tune run folder's ``metrics.jsonl`` (one dict per epoch) and ``summary.json``.
-
-    Raises:
-        BenchError: the folder lacks them or they are unreadable.
-    """
-    folder = Path(folder)
-    try:
-        epochs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        summary = json.loads((folder / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise BenchError(f"{folder} is not a readable fine-tune run ({error}): pass a folder written by "
-                         "`embedpipe fine-tune --out` (metrics.jsonl and summary.json)") from None
-    return epochs, summary
 
 
 def plot_finetune(name: str, epochs: Sequence[dict[str, Any]], summary: dict[str, Any], path: Path) -> Path:

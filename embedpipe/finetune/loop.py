@@ -1,5 +1,8 @@
 """The fine-tuning loop: the one place besides :mod:`embedpipe.inference` that runs the network.
 
+The recipe it follows (phases, layer groups, learning rates) is :mod:`.recipe`; the files it
+writes are :mod:`.rundir`; :mod:`.stage` prepares the network and head and calls :func:`train`.
+
 What trains is resolved from the timm model's own structure: its
 ``group_matcher(coarse=False)`` numbers the parameters bottom to top in layer
 groups (stem, each block, the neck), the same numbering timm's
@@ -27,15 +30,12 @@ at the start of every epoch, so a resumed run repeats the epochs it lost exactly
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import logging
 import math
 import random
-import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,26 +44,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._atomic import write_atomically
-from .config import AUGMENTS, MONITORS, SCHEDULES, UNFREEZE_CHOICES, FineTuneConfig, PreprocessConfig, RunConfig
-from .errors import FineTuneError, ImageDecodeError
-from .inference import _AUTOCAST_DTYPES, DECODE_ERRORS, default_batch_size, default_workers
-from .preprocess import decode_image, eval_transform, normalize, resize_target
+from .._atomic import jsonable
+from ..config import FineTuneConfig, PreprocessConfig, RunConfig
+from ..errors import FineTuneError, ImageDecodeError
+from ..inference import _AUTOCAST_DTYPES, DECODE_ERRORS, default_batch_size, default_workers
+from ..machine import PeakMemory
+from ..preprocess import decode_image, eval_transform, normalize, resize_target
+from .recipe import layer_groups, lr_factor, param_groups, plan_phases, set_lr, set_train_mode, set_trainable
+from .rundir import BEST_FILE, LAST_FILE, STATE_FORMAT, STATE_VERSION, load_tensors, save_tensors, write_metrics
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "embedpipe-finetune"
-STATE_VERSION = 1  # bump when last.safetensors changes meaning, so an older run is refused, not misread
-BEST_FILE = "best.safetensors"
-LAST_FILE = "last.safetensors"
-CONFIG_FILE = "config.json"
-METRICS_JSONL = "metrics.jsonl"
-METRICS_CSV = "metrics.csv"
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "curves.png"
-HEAD_DIR = "head"
-
-METRIC_KEYS = ("phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "head_lr", "seconds", "improved")
 # Augmentations, as timm's create_transform(is_training=True) arguments. Crops keep at least half
 # (standard) or a quarter (strong) of the image, so a small object or defect rarely leaves the frame.
 _AUGMENT_ARGS: dict[str, dict[str, Any]] = {
@@ -72,262 +63,6 @@ _AUGMENT_ARGS: dict[str, dict[str, Any]] = {
     # applies it instead of a separate colour jitter.
     "strong": {"scale": (0.25, 1.0), "hflip": 0.5, "auto_augment": "rand-m7-mstd0.5-inc1"},
 }
-
-
-# --------------------------------------------------------------------------- options
-
-
-def parse_unfreeze(text: str) -> tuple[str, int]:
-    """``"none"`` -> ``("none", 0)``, ``"all"`` -> ``("all", 0)``, ``"top:2"`` -> ``("top", 2)``."""
-    if text in ("none", "all"):
-        return text, 0
-    kind, _, count = text.partition(":")
-    if kind == "top" and count.isdigit() and int(count) >= 1:
-        return "top", int(count)
-    raise FineTuneError(f"unknown --unfreeze {text!r}: use {UNFREEZE_CHOICES} (e.g. top:2, K >= 1)")
-
-
-def check_config(config: FineTuneConfig) -> None:
-    """Raise :class:`FineTuneError` naming the first option out of range."""
-    parse_unfreeze(config.unfreeze)
-    checks = [
-        (config.schedule in SCHEDULES, f"unknown --schedule {config.schedule!r}: use {', '.join(SCHEDULES)}"),
-        (config.augment in AUGMENTS, f"unknown --augment {config.augment!r}: use {', '.join(AUGMENTS)}"),
-        (config.monitor in MONITORS, f"unknown --monitor {config.monitor!r}: use {', '.join(MONITORS)}"),
-        (config.schedule_unit in ("step", "epoch"), f"unknown schedule unit {config.schedule_unit!r}: use step or epoch"),
-        (config.epochs >= 0 and config.head_epochs >= 0, "--epochs and --head-epochs must be 0 or more"),
-        (config.epochs + config.head_epochs >= 1, "nothing to train: pass --epochs or --head-epochs of at least 1"),
-        (config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, not {config.lr}"),
-        (config.head_lr_mult > 0, f"--head-lr-mult must be positive, not {config.head_lr_mult}"),
-        (0 < config.layer_decay <= 1, f"--layer-decay must be in (0, 1] (1 = off), not {config.layer_decay}"),
-        (config.weight_decay >= 0, f"--weight-decay must be 0 or more, not {config.weight_decay}"),
-        (config.warmup >= 0, f"--warmup must be 0 or more epochs, not {config.warmup}"),
-        (config.batch_size >= 1 and config.accum_steps >= 1, "--batch-size and --accum-steps must be at least 1"),
-        (config.patience >= 1, f"--patience must be at least 1, not {config.patience}"),
-        (config.step_every >= 1 and 0 < config.step_gamma <= 1 and 0 < config.exp_gamma <= 1,
-         "step/exp schedules need step_every >= 1 and gammas in (0, 1]"),
-        (0 <= config.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], not {config.min_lr_ratio}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise FineTuneError(message)
-
-
-def check_out_folder(out: Path, *, resume: bool) -> None:
-    """Refuse to overwrite a run without ``resume``, and to resume where there is nothing to resume."""
-    if resume and not (out / LAST_FILE).is_file():
-        raise FineTuneError(f"nothing to resume in {out} (no {LAST_FILE}): run without --resume")
-    if not resume and ((out / LAST_FILE).exists() or (out / SUMMARY_FILE).exists()):
-        raise FineTuneError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-
-
-def plan_phases(config: FineTuneConfig) -> list[tuple[str, int]]:
-    """``[(phase, epochs), ...]``: ``head`` (backbone frozen) then ``finetune``; empty phases left out."""
-    if parse_unfreeze(config.unfreeze)[0] == "none":
-        return [("head", config.head_epochs + config.epochs)]
-    return [(name, n) for name, n in (("head", config.head_epochs), ("finetune", config.epochs)) if n > 0]
-
-
-# --------------------------------------------------------------------------- what trains
-
-
-@dataclass(frozen=True)
-class LayerGroups:
-    """The model's parameters in timm's layer groups, bottom (stem) to top (classifier)."""
-
-    layer_of: dict[str, int]  # parameter name -> layer id from group_matcher(coarse=False)
-    classifier: frozenset[str]  # the classifier's parameter names
-    blocks: tuple[int, ...]  # layer ids of backbone groups that --unfreeze top:K counts, bottom to top
-    neck: int | None  # a backbone group sharing the classifier's layer id (ConvNeXt head.norm); goes with top:K
-    top_layer: int  # the largest layer id: the layer-decay exponent is top_layer - layer
-
-    def unfrozen(self, unfreeze: str) -> set[str]:
-        """Backbone parameter names that ``unfreeze`` trains (the classifier always trains)."""
-        kind, count = parse_unfreeze(unfreeze)
-        backbone = [name for name in self.layer_of if name not in self.classifier]
-        if kind == "none":
-            return set()
-        if kind == "all":
-            return set(backbone)
-        if count > len(self.blocks):
-            raise FineTuneError(
-                f"--unfreeze top:{count} asks for more layer groups than the model has ({len(self.blocks)}, "
-                f"stem and blocks as timm's group_matcher counts them): use top:1..top:{len(self.blocks)} or all"
-            )
-        chosen = set(self.blocks[-count:]) | ({self.neck} if self.neck is not None else set())
-        return {name for name in backbone if self.layer_of[name] in chosen}
-
-
-def layer_groups(model: torch.nn.Module) -> LayerGroups:
-    """Number the parameters with timm's own ``group_matcher(coarse=False)``.
-
-    Raises:
-        FineTuneError: the model names no classifier or has no group matcher.
-    """
-    from ._compat import ensure_torchvision_importable
-    from .weights import _classifier_prefixes
-
-    ensure_torchvision_importable()
-    from timm.models._manipulate import group_parameters
-
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    prefixes = _classifier_prefixes(model)  # ("fc.",), ("head.fc.",)...: pretrained_cfg["classifier"]
-    if not prefixes or not hasattr(model, "group_matcher"):
-        raise FineTuneError(f"{arch} has no classifier or group_matcher in timm, so fine-tune cannot tell its layers apart")
-    groups = group_parameters(model, model.group_matcher(coarse=False))
-    layer_of = {name: int(layer) for layer, names in groups.items() for name in names}
-    classifier = frozenset(name for name in layer_of if name.startswith(prefixes))
-    if not classifier:
-        raise FineTuneError(f"{arch}'s classifier ({', '.join(prefixes)}) has no parameters: fine-tune needs a linear classifier")
-    backbone_ids = sorted({layer_of[n] for n in layer_of if n not in classifier})
-    head_ids = {layer_of[n] for n in classifier}
-    neck = backbone_ids[-1] if backbone_ids and backbone_ids[-1] in head_ids else None
-    blocks = tuple(i for i in backbone_ids if i != neck)
-    return LayerGroups(layer_of=layer_of, classifier=classifier, blocks=blocks, neck=neck, top_layer=max(layer_of.values()))
-
-
-def set_trainable(model: torch.nn.Module, names: set[str]) -> None:
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name in names)
-
-
-def set_train_mode(model: torch.nn.Module, *, train_bn: bool) -> None:
-    """Training mode where something trains, inference mode elsewhere.
-
-    A module with parameters trains when any of them does; a module without (dropout,
-    drop-path, activations) follows its parent. BatchNorm stays in inference mode
-    (running statistics untouched) unless ``train_bn`` and its parameters train.
-    """
-    modes: dict[str, bool] = {}
-    for name, module in model.named_modules():
-        params = list(module.parameters())
-        training = any(p.requires_grad for p in params) if params else modes.get(name.rpartition(".")[0], False)
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not (train_bn and training):
-            training = False
-        module.training = training
-        modes[name] = training
-
-
-def param_groups(model: torch.nn.Module, layers: LayerGroups, config: FineTuneConfig) -> list[dict[str, Any]]:
-    """AdamW parameter groups of the trainable parameters, each with its ``lr_scale``.
-
-    The classifier's scale is ``head_lr_mult``; a backbone parameter in layer ``i`` gets
-    ``layer_decay ** (top_layer - i)``, timm's ``param_groups_layer_decay`` rule. Biases,
-    norm weights (1-d) and the model's ``no_weight_decay()`` names get no weight decay.
-    """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    buckets: dict[tuple[int, bool, bool], dict[str, Any]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        is_head = name in layers.classifier
-        layer = layers.layer_of[name]
-        decays = not (parameter.ndim <= 1 or name.endswith(".bias") or name in skip)
-        key = (layer, is_head, decays)
-        if key not in buckets:
-            scale = config.head_lr_mult if is_head else config.layer_decay ** (layers.top_layer - layer)
-            buckets[key] = {
-                "params": [],
-                "param_names": [],
-                "lr_scale": float(scale),
-                "weight_decay": config.weight_decay if decays else 0.0,
-                "lr": config.lr * scale,
-                "group": f"{'head' if is_head else f'layer{layer}'}{'' if decays else '_no_decay'}",
-            }
-        buckets[key]["params"].append(parameter)
-        buckets[key]["param_names"].append(name)
-    return [buckets[key] for key in sorted(buckets)]
-
-
-def lr_factor(config: FineTuneConfig, unit: int, total: int, units_per_epoch: int) -> float:
-    """The LR multiplier at ``unit`` (an optimizer step, or an epoch with ``schedule_unit="epoch"``) of a phase.
-
-    Linear warmup over ``warmup`` epochs (``(unit + 1) / warmup_units``), then ``constant``: 1;
-    ``step``: ``step_gamma`` every ``step_every`` epochs; ``exp``: ``exp_gamma`` per epoch;
-    ``cosine``: from 1 down to ``min_lr_ratio`` at the end of the phase.
-
-    Args:
-        unit: 0-based index within the phase.
-        total: units in the phase (``epochs * units_per_epoch``).
-        units_per_epoch: optimizer steps per epoch, or 1 per epoch.
-    """
-    warm = int(round(config.warmup * units_per_epoch))
-    if unit < warm:
-        return (unit + 1) / warm
-    t = unit - warm
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "step":
-        return config.step_gamma ** (t // (config.step_every * units_per_epoch))
-    if config.schedule == "exp":
-        return config.exp_gamma ** (t / units_per_epoch)
-    span = max(1, total - warm)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * group["lr_scale"]
-
-
-# --------------------------------------------------------------------------- the linear probe as the head
-
-
-def linear_from_probe(probe: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A fitted :class:`~embedpipe.heads.LogisticProbe` as a linear layer on raw embeddings.
-
-    The standardisation is folded in: ``W = coef / scale``, ``b = intercept - W @ mean``; a
-    two-class (binomial) probe becomes the rows ``[0, w]``, ``[0, b]``, whose softmax is its sigmoid.
-
-    Returns:
-        ``(W, b)``: float32 ``(C, D)`` and ``(C,)``, rows in ``class_names`` order.
-
-    Raises:
-        FineTuneError: L2-normalised features (not linear) or other classes than ``class_names``.
-    """
-    if probe.normalize == "l2":
-        raise FineTuneError(
-            "the head was fitted on L2-normalised embeddings, which no linear layer reproduces: "
-            "refit it with `embedpipe fit-head --normalize standard` (the default) or none"
-        )
-    coef = np.asarray(probe.coef_, dtype=np.float64)
-    intercept = np.asarray(probe.intercept_, dtype=np.float64)
-    if probe.normalize == "standard":
-        coef = coef / np.asarray(probe.scale_, dtype=np.float64)
-        intercept = intercept - coef @ np.asarray(probe.mean_, dtype=np.float64)
-    if coef.shape[0] == 1:
-        coef = np.vstack([np.zeros_like(coef), coef])
-        intercept = np.concatenate([[0.0], intercept])
-    theirs = [str(c) for c in probe.classes_]
-    if sorted(theirs) != sorted(class_names):
-        raise FineTuneError(
-            f"the head was fitted on classes {theirs[:5]}, the data has {list(class_names)[:5]}: "
-            "fit the head on embeddings of this dataset, or drop --init-head"
-        )
-    order = [theirs.index(name) for name in class_names]
-    return coef[order].astype(np.float32), intercept[order].astype(np.float32)
-
-
-def head_from_classifier(weight: np.ndarray, bias: np.ndarray, class_names: Sequence[str]) -> Any:
-    """The trained classifier as a :class:`~embedpipe.heads.LogisticProbe` on raw embeddings (``normalize="none"``).
-
-    Saved with :func:`embedpipe.headfile.save_head`, it predicts from the fine-tuned backbone's
-    cached embeddings exactly as the network's own classifier does.
-    """
-    from .heads import LogisticProbe
-
-    weight, bias = np.asarray(weight, dtype=np.float32), np.asarray(bias, dtype=np.float32)
-    head = LogisticProbe(Cs=[1.0], normalize="none")
-    head.classes_ = np.asarray(list(class_names))
-    head.n_features_in_ = int(weight.shape[1])
-    if weight.shape[0] == 2:  # softmax over two logits = sigmoid of their difference
-        weight, bias = (weight[1] - weight[0])[None, :], np.array([bias[1] - bias[0]], dtype=np.float32)
-    head.coef_, head.intercept_ = weight, bias
-    head.C_, head.val_scores_, head.val_losses_, head.n_iter_ = None, {}, {}, 0
-    return head
-
-
-# --------------------------------------------------------------------------- data
 
 
 @dataclass(frozen=True)
@@ -374,7 +109,7 @@ def train_transform(preprocess: PreprocessConfig, augment: str) -> Callable[[Any
     """timm's training transform for ``augment`` up to a uint8 tensor; ``none`` is the eval transform."""
     if augment == "none":
         return eval_transform(preprocess)
-    from ._compat import ensure_torchvision_importable
+    from .._compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from timm.data import create_transform
@@ -390,79 +125,9 @@ def train_transform(preprocess: PreprocessConfig, augment: str) -> Callable[[Any
     )
 
 
-# --------------------------------------------------------------------------- files
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that a crash leaves the old file or the new one, never half of either."""
-    try:
-        write_atomically(path, data)
-    except OSError as error:
-        raise FineTuneError(f"could not write {path} ({error.strerror or error}): free disk space or pick another --out") from None
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, (json.dumps(data, indent=2, default=_jsonable) + "\n").encode())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.generic, torch.Tensor)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """A safetensors file whose header carries ``metadata`` (each value JSON-encoded), written atomically."""
-    from safetensors.torch import save
-
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, save(plain, metadata={k: json.dumps(v, default=_jsonable) for k, v in metadata.items()}))
-
-
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by :func:`save_tensors`: ``(tensors, metadata)``; never unpickles."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
-        return load_file(str(path)), {k: json.loads(v) for k, v in raw.items()}
-    except Exception as error:  # safetensors raises its own errors, OS and JSON ones
-        raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}): start a new run with another --out") from None
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def reset_peak_memory(device: str) -> None:
-    """Start a new peak: CUDA's allocator peak, or the process's peak RSS (Linux ``clear_refs``)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux >= 4.0)
-
-
-def peak_memory(device: str) -> int:
-    """Bytes: peak CUDA memory allocated, or peak resident set size since the last reset."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(device))
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# --------------------------------------------------------------------------- the loop
-
-
 @dataclass
 class Outcome:
-    """What :func:`train` did; :func:`embedpipe.pipeline.fine_tune` turns it into the summary."""
+    """What :func:`train` did; :func:`embedpipe.finetune.fine_tune` turns it into the summary."""
 
     history: list[dict[str, Any]]
     initial: dict[str, float]  # val_loss, val_acc of the starting weights (epoch 0)
@@ -505,12 +170,11 @@ class _Trainer:
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         initial_is_candidate: bool = True,
     ) -> None:
-        check_config(config)
         self.model, self.splits, self.preprocess = model, splits, preprocess
         self.initial_is_candidate = initial_is_candidate
         self.device, self.config, self.run_config, self.out = device, config, run, out
         # What must match on --resume (config, backbone, data), as JSON reads it back (tuples -> lists).
-        self.identity = json.loads(json.dumps(identity, default=_jsonable))
+        self.identity = json.loads(json.dumps(identity, default=jsonable))
         self.progress, self.on_epoch = progress, on_epoch
         self.layers = layer_groups(model)
         self.phases = plan_phases(config)
@@ -533,7 +197,8 @@ class _Trainer:
         self.phase_finished = False
         self.bad_epochs = 0
         self.step = 0
-        self.memory: dict[str, int] = {}
+        self.memory: dict[str, int] = {}  # phase -> peak bytes, of self.peak's kind
+        self.peak = PeakMemory(device)
         self.phase_log: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -719,22 +384,12 @@ class _Trainer:
             if saved["scaler"]:
                 self.scaler.load_state_dict(saved["scaler"])
 
-    def _write_metrics(self) -> None:
-        lines = "".join(json.dumps(record) + "\n" for record in self.history)
-        atomic_write(self.out / METRICS_JSONL, lines.encode())
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(METRIC_KEYS), extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write(self.out / METRICS_CSV, buffer.getvalue().encode())
-
     # ----------------------------------------------------------------- the run
 
     def run(self, *, resume: bool) -> Outcome:
         started = time.perf_counter()
         saved: dict[str, Any] | None = None
         self.out.mkdir(parents=True, exist_ok=True)
-        check_out_folder(self.out, resume=resume)
         if resume:
             saved = self._load_last()
             logger.info("resuming %s after epoch %d", self.out, len(self.history))
@@ -756,7 +411,7 @@ class _Trainer:
                                        "trainable_params": self._trainable_count(), "peak_memory_bytes": 0})
             elif not self.phase_finished:  # resumed within the phase (one resumed at its end just moves on)
                 self._build_optimizer(saved)
-            reset_peak_memory(self.device)
+            self.peak.reset()
             while self.phase_epoch < length and not self.phase_finished:
                 self._epoch(name, length, base_elapsed + time.perf_counter() - started)
             self.phase_index, self.phase_epoch, self.phase_finished, saved = self.phase_index + 1, 0, False, None
@@ -799,18 +454,18 @@ class _Trainer:
         phase = self.phase_log[-1]
         phase["epochs"] = self.phase_epoch
         phase["stop_reason"] = reason
-        phase["peak_memory_bytes"] = max(phase["peak_memory_bytes"], peak_memory(self.device))
+        phase["peak_memory_bytes"] = max(phase["peak_memory_bytes"], self.peak.read())
         self.memory[name] = max(self.memory.get(name, 0), phase["peak_memory_bytes"])
         self.elapsed = elapsed_before + record["seconds"]
         self._save_last()
-        self._write_metrics()
+        write_metrics(self.out, self.history)
         logger.info("epoch %d (%s): train_loss %.4f acc %.4f, val_loss %.4f acc %.4f, lr %.3g%s", epoch, name,
                     train_loss, train_acc, val_loss, val_acc, lr, " *" if improved else "")
         if self.on_epoch is not None:
             self.on_epoch(record)
 
     def _outcome(self) -> Outcome:
-        from .evaluate import classification_metrics
+        from ..evaluate import classification_metrics
 
         classes = np.asarray(self.splits.class_names)
         metrics = {}
@@ -837,72 +492,44 @@ class _Trainer:
         )
 
 
-def train(model: torch.nn.Module, *, resume: bool = False, **options: Any) -> Outcome:
-    """Fine-tune ``model`` (a timm classifier with ``len(splits.class_names)`` outputs) into ``out``.
-
-    ``options`` are :class:`_Trainer`'s keywords: ``splits``, ``preprocess``, ``precision``, ``device``,
-    ``config``, ``run``, ``out``, ``identity``, ``progress`` (required), ``on_epoch``, ``initial_is_candidate``.
+def train(
+    model: torch.nn.Module,
+    *,
+    splits: Splits,
+    preprocess: PreprocessConfig,
+    precision: str,
+    device: str,
+    config: FineTuneConfig,
+    run: RunConfig,
+    out: Path,
+    identity: dict[str, Any],
+    progress: Callable[[str, int], Any],
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    initial_is_candidate: bool = True,
+    resume: bool = False,
+) -> Outcome:
+    """Fine-tune ``model`` (a timm classifier with ``len(splits.class_names)`` outputs) into the run folder ``out``.
 
     Args:
-        model: on ``device``; its classifier already initialised (fresh or from a probe).
-        resume: continue the run in ``out`` from its last finished epoch.
+        model: on ``device``, in its memory format; its classifier already initialised (fresh or from a probe).
         splits: train (to fit), val (to monitor, required) and test (scored once, at the end) images.
         preprocess: the backbone's eval preprocessing; training augments from it.
         precision: resolved compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler).
+        device: where the model is.
+        config: the checked recipe (:func:`embedpipe.finetune.recipe.check_config`).
+        run: workers, evaluation batch size, channels_last inputs, error policy.
+        out: the run folder (:mod:`embedpipe.finetune.rundir`).
         identity: JSON-able description of the run (config, backbone, data); ``resume`` refuses another.
+        progress: progress bar factory, one bar per epoch.
+        on_epoch: called with each epoch's record as it finishes.
         initial_is_candidate: whether the starting weights (epoch 0) may be the best checkpoint. False
             for a classifier from a probe that was refit on train + val: its val score is in-sample.
+        resume: continue the run in ``out`` from its last finished epoch.
 
     Returns:
         An :class:`Outcome`; the model holds the best weights.
     """
-    return _Trainer(model, **options).run(resume=resume)
-
-
-# --------------------------------------------------------------------------- the curves
-
-
-def plot_curves(
-    history: Sequence[dict[str, Any]],
-    best_epoch: int,
-    path: Path,
-    *,
-    initial: dict[str, Any] | None = None,
-    stop_reason: str | None = None,
-) -> None:
-    """Train/val loss and accuracy against epoch: phase changes dashed, the best epoch starred, the early stop dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(10, 4), dpi=100)
-    epochs = [r["epoch"] for r in history]
-    for axis_index, (metric, title) in enumerate((("loss", "cross-entropy"), ("acc", "accuracy"))):
-        axis = figure.add_subplot(1, 2, axis_index + 1)
-        axis.plot(epochs, [r[f"train_{metric}"] for r in history], "o-", label="train", markersize=3)
-        val_x, val_y = epochs, [r[f"val_{metric}"] for r in history]
-        if initial:
-            val_x, val_y = [0, *val_x], [initial[f"val_{metric}"], *val_y]
-        axis.plot(val_x, val_y, "s-", label="val", markersize=3)
-        if initial and not initial.get("candidate", True):
-            axis.plot([0], [initial[f"val_{metric}"]], "o", mfc="none", color="grey", markersize=9,
-                      label="epoch 0: the probe (val in-sample)")
-        for previous, current in zip(history, history[1:]):
-            if previous["phase"] != current["phase"]:
-                axis.axvline(previous["epoch"] + 0.5, color="grey", linestyle="--", linewidth=0.8)
-        best_y = next((y for x, y in zip(val_x, val_y) if x == best_epoch), None)
-        if best_y is not None:
-            axis.axvline(best_epoch, color="tab:red", linewidth=0.8)
-            axis.plot([best_epoch], [best_y], "*", color="tab:red", markersize=12, label=f"best (epoch {best_epoch})")
-        if stop_reason and history:
-            axis.axvline(history[-1]["epoch"], color="black", linestyle=":", linewidth=0.8, label=f"stopped ({stop_reason})")
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_title(title)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write(path, buffer.getvalue())
+    trainer = _Trainer(model, splits=splits, preprocess=preprocess, precision=precision, device=device, config=config,
+                       run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch,
+                       initial_is_candidate=initial_is_candidate)
+    return trainer.run(resume=resume)

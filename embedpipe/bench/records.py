@@ -1,22 +1,16 @@
-"""Bookkeeping for ``embedpipe bench``: named backbone lists, run ids, cost measurements, results files.
+"""Bookkeeping for ``embedpipe bench``: named backbone lists, run ids, record fields, results files.
 
-The grid itself runs in :func:`embedpipe.pipeline.bench`; the tables, plots and
-HTML are in :mod:`embedpipe.report`. A bench writes one flat record per run
+The grid itself runs in :mod:`.grid`; the tables, plots and HTML are in :mod:`.report`. A bench writes one flat record per run
 (backbone x head x shots x seed), one per failure, and one summary per
 (backbone, head, shots) over seeds, to ``results.json`` and ``results.csv``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
-import platform
-import re
-import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ._atomic import write_atomically
-from .config import BackboneSpec, EmbeddingConfig, SplitConfig, digest_of
-from .errors import EmbedpipeError
+from .._atomic import write_atomically
+from ..config import BackboneSpec, EmbeddingConfig, SplitConfig, digest_of
+from ..errors import BenchError, FineTuneError
+from ..finetune import read_run
 
 # Bump when the meaning of a stored record changes; a results.json of another version is not reused.
 BENCH_FORMAT = 1
@@ -34,17 +29,11 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 REPORT_HTML = "report.html"
 FINETUNE_DIR = "finetune"  # copies of fine-tune run folders shown in the report (metrics.jsonl, summary.json)
-BACKBONE_LISTS = Path(__file__).resolve().parents[1] / "benchmarks" / "backbones.json"
+BACKBONE_LISTS = Path(__file__).with_name("backbones.json")  # package data: named lists ship with the wheel
 ALL = "all"  # shots: every training image
 SCRATCH = "scratch"  # the head name of --baseline scratch rows (same architecture trained from random init)
 # How many images to time a cached backbone on, so a cache hit still reports images/s and memory.
 THROUGHPUT_SAMPLE = 64
-
-
-class BenchError(EmbedpipeError):
-    """A bench cannot start: bad grid, unknown backbone list, results of another format."""
-
-    exit_code = 7
 
 
 # --------------------------------------------------------------------------- the grid
@@ -70,7 +59,7 @@ def parse_shots(values: Sequence[str | int | None]) -> list[int | str]:
 
 
 def backbone_lists(path: str | Path | None = None) -> dict[str, list[str]]:
-    """The named lists in ``benchmarks/backbones.json`` (or ``path``): name -> timm model names."""
+    """The named lists in ``embedpipe/bench/backbones.json`` (or ``path``): name -> timm model names."""
     path = Path(path) if path else BACKBONE_LISTS
     if not path.is_file():
         return {}
@@ -143,8 +132,8 @@ def backbone_record(config: EmbeddingConfig, labels: np.ndarray, meta: dict[str,
 
 def head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
     """How a head was set up, in words: its normalisation, C grid and settings (defaults merged with ``params``)."""
-    from .heads import HEADS
-    from .heads.logreg import c_grid
+    from ..heads import HEADS
+    from ..heads.logreg import c_grid
 
     merged = {**HEADS[kind]().get_params(), **params}
     out = {"head_normalisation": "", "c_grid": "", "head_protocol": ""}
@@ -190,8 +179,6 @@ def fit_metrics(metrics: dict[str, dict[str, Any]], chosen: dict[str, Any], *, n
 
 def finetune_record(run_dir: str | Path) -> dict[str, Any]:
     """The result fields of a fine-tune run folder (its ``summary.json``): test accuracy, kept epoch, cost."""
-    from .report import read_finetune_run
-
     epochs, summary = read_finetune_run(run_dir)
     test = summary.get("test") or {}
     return {"error": None, "accuracy": test.get("accuracy"), "balanced_accuracy": test.get("balanced_accuracy"),
@@ -216,106 +203,6 @@ def scratch_record(common: dict[str, Any], *, spec: BackboneSpec, split: SplitCo
         return {**record, "record": "error", "error": str(error).splitlines()[0] if str(error) else type(error).__name__,
                 "error_type": type(error).__name__}
     return {**record, **finetune_record(run_dir)}
-
-
-# --------------------------------------------------------------------------- costs
-
-
-class PeakMemory:
-    """Peak memory while a block runs: CUDA allocator peak on a GPU, else the rise of this process's RSS.
-
-    The CPU figure samples ``/proc/self/statm`` every 20 ms (Linux; None elsewhere), so it covers the
-    forward pass's activations and the model weights, not the DataLoader workers' decoding buffers.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak_bytes: int | None = None
-        self.kind = "cuda_max_allocated" if device.startswith("cuda") else "rss_increase"
-        self._stop = threading.Event()
-
-    @staticmethod
-    def _rss() -> int | None:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __enter__(self) -> PeakMemory:
-        if self.kind == "cuda_max_allocated":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self._base = self._rss()
-        self._peak = self._base
-        if self._base is not None:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            rss = self._rss()
-            if rss is not None and self._peak is not None and rss > self._peak:
-                self._peak = rss
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.kind == "cuda_max_allocated":
-            import torch
-
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            return
-        if self._base is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        rss = self._rss() or 0
-        self.peak_bytes = max(self._peak or 0, rss) - self._base
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def environment(device: str) -> dict[str, Any]:
-    """What a results file must name: CPU/GPU, cores, library versions, git commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = found[1].strip() if found else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpu = ""
-    if device.startswith("cuda"):
-        import torch
-
-        gpu = torch.cuda.get_device_name(device)
-    info: dict[str, Any] = {"cpu": cpu, "cores": cores, "gpu": gpu, "device": device, "python": platform.python_version(),
-                            "embedpipe": __version__}
-    for package in ("torch", "timm", "scikit-learn", "numpy"):
-        try:
-            info[package.replace("-", "")] = version(package)
-        except PackageNotFoundError:
-            info[package.replace("-", "")] = "not installed"
-    commit = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        commit = done.stdout.strip() if done.returncode == 0 else ""
-    info["git_commit"] = commit
-    info["machine"] = machine_slug(info)
-    return info
-
-
-def machine_slug(info: dict[str, Any]) -> str:
-    """``cpu-amd-epyc-2c`` or ``gpu-nvidia-h100-80gb-hbm3-16c``, as benchmarks/bench_heads.py names results files."""
-    name = info.get("gpu") or info.get("cpu") or ""
-    name = re.sub(r"\((r|tm)\)|cpu|processor|@.*$|\d+-core", "", name, flags=re.I)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-    return f"{'gpu' if info.get('gpu') else 'cpu'}-{slug}-{info.get('cores', 0)}c"
 
 
 # --------------------------------------------------------------------------- results files
@@ -362,3 +249,15 @@ def write_results(out: str | Path, records: list[dict[str, Any]]) -> None:
     writer.writeheader()
     writer.writerows({k: _csv_cell(record.get(k)) for k in columns} for record in records)
     write_atomically(out / RESULTS_CSV, table.getvalue().encode())
+
+
+def read_finetune_run(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A fine-tune run folder's epochs and summary (:func:`embedpipe.finetune.read_run`), for the bench and its report.
+
+    Raises:
+        BenchError: the folder lacks them or they are unreadable.
+    """
+    try:
+        return read_run(folder)
+    except FineTuneError as error:
+        raise BenchError(str(error)) from None

@@ -10,14 +10,15 @@ crafted head file cannot run code when loaded.
 from __future__ import annotations
 
 import json
-import os
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import HeadError
+from .._atomic import json_bytes, write_atomically
+from ..errors import HeadError
+from ..machine import versions
 
 FORMAT = "embedpipe-head"
 FORMAT_VERSION = 1
@@ -25,35 +26,59 @@ META_FILE = "head.json"
 ARRAYS_FILE = "arrays.safetensors"
 
 
-def save_head(folder: str | Path, head: Any, info: dict[str, Any]) -> Path:
+@dataclass(frozen=True)
+class HeadInfo:
+    """Everything ``head.json`` says besides the fitted state: what the head reads and how it was made.
+
+    Built once by each stage that saves a head (``fit-head``, ``fine-tune``); ``predict`` and
+    ``evaluate`` rebuild the exact pipeline from ``backbone_spec`` and ``embedding_config`` and
+    refuse embeddings whose ``cache_key`` differs.
+    """
+
+    kind: str  # a name in HEADS
+    output: str  # the stored output it reads: "embeddings", "logits" or "stageN"
+    backbone_spec: dict[str, Any] | None  # how to rebuild the backbone (BackboneSpec.to_dict())
+    embedding_config: dict[str, Any]  # EmbeddingConfig.to_dict() of the features it was fitted on
+    cache_key: str  # that config's key
+    class_names: list[str]
+    trained_on: dict[str, Any]  # the file or fine-tune run, rows, shots, seed
+    metrics: dict[str, Any] = field(default_factory=dict)  # split -> metrics
+    chosen: dict[str, Any] = field(default_factory=dict)  # the hyper-parameter picked (C, k, best epoch)
+    fit_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "output": self.output, "backbone_spec": self.backbone_spec,
+                "embedding_config": self.embedding_config, "cache_key": self.cache_key, "class_names": list(self.class_names),
+                "trained_on": self.trained_on, "metrics": self.metrics, "chosen": self.chosen,
+                "fit_seconds": self.fit_seconds, "versions": versions()}
+
+
+def save_head(folder: str | Path, head: Any, info: HeadInfo) -> Path:
     """Write a fitted head and its pipeline description; returns the folder.
 
+    Each file is written atomically (temporary name, fsync, rename); the arrays go first, so a
+    ``head.json`` on disk always describes arrays that are there.
+
     Args:
-        folder: created if missing; an existing head there is replaced atomically file by file.
+        folder: created if missing; an existing head there is replaced file by file.
         head: a fitted head with ``get_state()`` (see :mod:`embedpipe.heads`).
-        info: JSON-able: backbone spec, embedding config, cache key, metrics, versions...
+        info: what the head reads and how it was made.
+
+    Raises:
+        HeadError: the folder cannot be written (full disk, permissions).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     arrays, state = head.get_state()
-    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": state, **info}
-    tmp_arrays = folder / f".tmp-{uuid.uuid4().hex}-{ARRAYS_FILE}"
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp_arrays))
-    os.replace(tmp_arrays, folder / ARRAYS_FILE)
-    tmp_meta = folder / f".tmp-{uuid.uuid4().hex}-{META_FILE}"
-    tmp_meta.write_text(json.dumps(document, indent=2, default=_jsonable))
-    os.replace(tmp_meta, folder / META_FILE)
+    document = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": state, **info.to_dict()}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / ARRAYS_FILE, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        write_atomically(folder / META_FILE, json_bytes(document))
+    except OSError as error:
+        raise HeadError(f"could not write the head to {folder} ({error.strerror or error}): free disk space or pick another --out") from None
     return folder
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -65,7 +90,7 @@ def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from .heads import from_state
+    from .registry import from_state
 
     folder = Path(folder)
     meta_path = folder / META_FILE if folder.is_dir() else folder

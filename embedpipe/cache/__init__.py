@@ -1,0 +1,58 @@
+"""The embedding cache: content-addressed, crash-safe, self-describing. The only package that imports h5py.
+
+Layout of a cache folder::
+
+    files.sqlite                  path -> (size, mtime, inode) -> sha256 of the file's bytes
+    store/<key>/config.json       the EmbeddingConfig whose hash is <key>
+    store/<key>/shards/*.h5       committed rows: image digest -> outputs, or a decode error
+    store/<key>/.lock             one writer per store at a time (flock)
+    <dataset>-<backbone>-<id>.h5  exported files: one dataset, in its order, for users
+
+Crash safety does not rely on HDF5 surviving an unclean close (it does not:
+a SIGKILLed h5py writer left an unreadable file in 43 of 43 trials). A shard
+is built in memory, written with plain file I/O to a temporary name, fsync'd
+and renamed into place, so a shard either exists whole or not at all, and a
+full disk fails the write cleanly. Exports are rebuilt from shards at will and
+are written the same way (temporary file, fsync, rename).
+
+Images are keyed by the hash of their bytes, so renaming or moving files
+computes nothing and datasets that share images share rows. Hashes are
+remembered per (path, size, mtime, inode), as git's index does, so unchanged
+files are only stat'ed.
+
+Its rooms: :mod:`.layout` (names and formats), :mod:`.index` (the file index), :mod:`.store`
+(shards), :mod:`.export` (exported files and their metadata), :mod:`.housekeeping` (ls, info,
+verify, rm).
+"""
+
+from __future__ import annotations
+
+from .export import ExportMeta, ExportRequest, Loaded, export_name, read_export, verify_export, write_export
+from .housekeeping import cache_info, cache_list, cache_remove, cache_verify, list_exports, list_stores, remove_tmp_files
+from .index import FileIndex
+from .layout import COMPACT_SHARDS, FILE_KIND, dataset_name_for, read_attrs
+from .store import Store, StoreIndex
+
+__all__ = [
+    "COMPACT_SHARDS",
+    "FILE_KIND",
+    "ExportMeta",
+    "ExportRequest",
+    "FileIndex",
+    "Loaded",
+    "Store",
+    "StoreIndex",
+    "cache_info",
+    "cache_list",
+    "cache_remove",
+    "cache_verify",
+    "dataset_name_for",
+    "export_name",
+    "list_exports",
+    "list_stores",
+    "read_attrs",
+    "read_export",
+    "remove_tmp_files",
+    "verify_export",
+    "write_export",
+]

@@ -1,0 +1,87 @@
+"""Names, kinds and formats of everything in a cache folder, in one place.
+
+Layout of a cache folder::
+
+    files.sqlite                  path -> (size, mtime, inode) -> sha256 of the file's bytes
+    store/<key>/config.json       the EmbeddingConfig whose hash is <key>
+    store/<key>/shards/*.h5       committed rows: image digest -> outputs, or a decode error
+    store/<key>/.lock             one writer per store at a time (flock)
+    <dataset>-<backbone>-<id>.h5  exported files: one dataset, in its order, for users
+    .tmp-*                        a writer's file before its rename; a dead writer's is removed
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .._atomic import write_atomically
+from ..config import OUTPUT_EMBEDDING
+from ..errors import CacheError
+
+FILE_KIND = "embedpipe-embeddings"
+SHARD_KIND = "embedpipe-shard"
+INDEX_FILE = "files.sqlite"
+STORE_DIR = "store"
+SHARD_DIR = "shards"
+STORE_CONFIG = "config.json"
+TMP_PREFIX = ".tmp-"
+DIGEST_DTYPE = "S64"  # hex sha256
+CHUNK_ROWS = 4096  # chunks of >= 1024 rows read 3x faster than 256-row ones
+COMPACT_SHARDS = 64  # merge small shards once this many accumulate...
+COMPACT_ROWS = 65536  # ...into shards of at most this many rows (bounded memory)
+STR_DTYPE = h5py.string_dtype()
+
+
+def dataset_name_for(output: str) -> str:
+    """HDF5 dataset name of an output: the pooled embedding is stored as ``embeddings``."""
+    return "embeddings" if output == OUTPUT_EMBEDDING else output
+
+
+def store_root(cache_dir: str | Path, key: str) -> Path:
+    """The folder of the store whose embedding config hashes to ``key``."""
+    return Path(cache_dir) / STORE_DIR / key[:24]
+
+
+def visible_h5(folder: Path) -> list[Path]:
+    """The committed ``.h5`` files in a folder, sorted; a writer's hidden temporary files are not among them."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+
+
+def write_or_fail(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically; a failure is a :class:`CacheError` saying what to do."""
+    try:
+        write_atomically(path, data)
+    except OSError as error:
+        raise CacheError(
+            f"could not write {path} ({error.strerror or error}): free disk space or pick another --cache-dir; "
+            "finished work is kept and the next run resumes"
+        ) from None
+
+
+def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute as Python: JSON text parsed, bytes decoded, numpy scalars unwrapped."""
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(path: Path) -> dict[str, Any] | None:
+    """An HDF5 file's attributes, decoded; None when it is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: decode_attr(v) for k, v in f.attrs.items()}
+    except (OSError, KeyError):
+        return None

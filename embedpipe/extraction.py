@@ -1,0 +1,288 @@
+"""The extract stage: records -> digests -> what is missing -> inference -> store -> export.
+
+>>> import embedpipe
+>>> result = embedpipe.extract("path/to/images", "tf_efficientnet_lite0", cache_dir="cache")
+>>> X, y, meta = embedpipe.load(result.path)
+
+Under torchrun every rank hashes and embeds its share and commits its own shards; rank 0 writes
+the export (:mod:`embedpipe.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._progress import ProgressFactory, no_progress
+from .cache import COMPACT_SHARDS, ExportMeta, ExportRequest, FileIndex, Store, export_name, read_attrs, read_export, write_export
+from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of
+from .data import Dataset, load_dataset
+from .distributed import Ranks, rank_device
+from .distributed import ranks as join_ranks
+from .errors import CacheError, ImageDecodeError
+from .machine import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` did."""
+
+    path: Path  # the exported HDF5 file
+    cache_hit: bool  # True when the exported file was already there: no forward pass
+    num_images: int  # rows in the exported file
+    computed: int  # images embedded in this run
+    reused: int  # images whose rows came from the cache
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) ledger
+    dims: dict[str, int] = field(default_factory=dict)
+    backbone: str = ""
+    cache_key: str = ""
+    device: str = ""
+    seconds: float = 0.0
+    images_per_second: float | None = None  # of the forward stage, when it ran
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def as_spec(backbone: str | BackboneSpec) -> BackboneSpec:
+    """A timm name as a :class:`BackboneSpec` with every other field at its default."""
+    return BackboneSpec(name=backbone) if isinstance(backbone, str) else backbone
+
+
+def resolve(backbone: str | BackboneSpec, device: str) -> EmbeddingConfig:
+    """The embedding config a backbone spec gives on a device (no network built)."""
+    from .backbone import resolve_embedding_config, resolve_precision
+
+    spec = as_spec(backbone)
+    outputs = tuple(dict.fromkeys((OUTPUT_EMBEDDING, *spec.outputs)))  # the embedding is always stored
+    return resolve_embedding_config(
+        spec.name,
+        weights=spec.weights,
+        pretrained=spec.pretrained,
+        preprocess=spec.preprocess,
+        outputs=outputs,
+        precision=resolve_precision(spec.precision, device),
+        dtype=spec.dtype,
+    )
+
+
+def dataset_fingerprint(dataset: Dataset, digests: list[str], config: EmbeddingConfig) -> str:
+    """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config."""
+    return digest_of(
+        {
+            "key": config.key(),
+            "rows": [[r.relpath, r.label, r.split, d] for r, d in zip(dataset.records, digests)],
+            "classes": list(dataset.class_names),
+            "layout": dataset.layout,
+            "split": dataset.split_config.to_dict() if dataset.split_config else None,
+        }
+    )
+
+
+def ensure_folder(folder: Path) -> Path:
+    """Create the cache folder, or say which one cannot be created."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CacheError(f"cannot create cache folder {folder} ({error.strerror}): pick a writable --cache-dir") from None
+    return folder
+
+
+def extract(
+    source: str | Path,
+    backbone: str | BackboneSpec = BackboneSpec(),
+    *,
+    cache_dir: str | Path = "cache",
+    split: SplitConfig | None = None,
+    run: RunConfig = RunConfig(),
+    progress: ProgressFactory = no_progress,
+) -> ExtractResult:
+    """Embed every image of a dataset once, into the cache, and export it to one HDF5 file.
+
+    Images already in the cache under the same embedding config (same content,
+    wherever the file lives) are not recomputed; a killed run resumes where it
+    stopped.
+
+    Args:
+        source: folder tree, CSV manifest or plain folder of images.
+        backbone: a timm model name, or a :class:`BackboneSpec` for weights/outputs/precision.
+        cache_dir: the cache folder; created when missing.
+        split: how to split labelled data that comes without a split.
+        run: device, batch size, workers, error policy.
+        progress: progress bar factory (see :data:`embedpipe._progress.ProgressFactory`).
+
+    Returns:
+        An :class:`ExtractResult`; ``result.path`` is the exported file, with
+        datasets ``embeddings`` (N, D), ``labels``, ``paths``, ``split`` and
+        the metadata described in the README.
+    """
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    if run.on_error not in ("skip", "fail"):
+        raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
+    dataset = load_dataset(source, split=split)
+    device = resolve_device(run.device)
+    spec = as_spec(backbone)
+    config = resolve(spec, device)
+    ensure_folder(cache_dir)
+
+    with join_ranks(device) as ranks:
+        device = rank_device(device, ranks)
+        if not ranks.is_main:  # one progress bar and one report, from rank 0
+            progress = no_progress
+        paths = [r.path for r in dataset.records]
+        with progress("hashing", len(dataset)) as advance:
+            mine = FileIndex(cache_dir).digests(ranks.share(paths), progress=advance)
+        digests = ranks.unshare(ranks.gather(mine), len(paths))
+        fingerprint = dataset_fingerprint(dataset, digests, config)
+        path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
+        attrs = read_attrs(path)
+        computed, forward_seconds = 0, 0.0
+        cache_hit = bool(attrs) and attrs.get("dataset_fingerprint") == fingerprint and attrs.get("cache_key") == config.key()
+        if not cache_hit:
+            meta = ExportMeta(config=config, dataset_fingerprint=fingerprint, backbone_spec=spec.to_dict(),
+                              class_names=tuple(dataset.class_names), dataset=dataset.describe(),
+                              split_seed=dataset.split_config.seed if dataset.split_config else -1)
+            computed, forward_seconds = _fill_and_export(path, dataset, digests, meta, spec, device, run, ranks, progress)
+    failed = read_export(path, outputs=[]).errors
+    if cache_hit:
+        _raise_on_failures(run, failed)
+    return ExtractResult(
+        path=path,
+        cache_hit=cache_hit,
+        num_images=len(dataset) - len(failed),
+        computed=computed,
+        reused=len(dataset) - len(failed) - computed,
+        failed=failed,
+        dims=dict((attrs if cache_hit else read_attrs(path) or {}).get("dims", {})),
+        backbone=config.backbone,
+        cache_key=config.key(),
+        device=device,
+        seconds=time.perf_counter() - started,
+        images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None,
+    )
+
+
+def _fill_and_export(path: Path, dataset: Dataset, digests: list[str], meta: ExportMeta, spec: BackboneSpec, device: str,
+                     run: RunConfig, ranks: Ranks, progress: ProgressFactory) -> tuple[int, float]:
+    """Embed what the store lacks (each rank its share), then write the export from rank 0.
+
+    Returns:
+        ``(images computed by all ranks, seconds of the slowest rank's forward stage)``.
+    """
+    store = Store(path.parent, meta.config)
+    # Under torchrun rank 0 holds the store's lock for the whole job, against other jobs;
+    # its ranks write their own shards side by side.
+    with store.lock() if ranks.is_main else contextlib.nullcontext():
+        ranks.barrier()  # the store exists and dead writers' temporary files are gone
+        index = store.index()
+        ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
+        keys = [d.encode() for d in digests]  # the store's row keys
+        todo: dict[bytes, Path] = {}
+        for record, key in zip(dataset.records, keys):
+            if key not in index and key not in todo:
+                todo[key] = record.path
+        _raise_on_failures(run, [(r.relpath, index.errors[k]) for r, k in zip(dataset.records, keys) if k in index.errors])
+        own = _compute(store, dict(ranks.share(list(todo.items()))), spec, device, run, progress, own_shards=ranks.world > 1)
+        timings = ranks.gather(own)  # also waits for every rank's last shard
+        if ranks.is_main:
+            if ranks.world > 1:
+                store.compact()
+            request = ExportRequest(
+                paths=[r.relpath for r in dataset.records],
+                labels=np.array([r.label for r in dataset.records], dtype=np.int64),
+                split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
+                digests=keys,
+                meta=meta,
+            )
+            write_export(path, store, store.index(), request)
+        ranks.barrier()  # the export is complete before any rank reports it
+    return sum(t[1] for t in timings), max(t[0] for t in timings)
+
+
+def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
+    if run.on_error == "fail" and failed:
+        where, reason = failed[0]
+        raise ImageDecodeError(f"{where}: {reason}: fix or remove the file, or pass --on-error skip to record and go on")
+
+
+def _compute(
+    store: Store,
+    todo: dict[bytes, Path],
+    spec: BackboneSpec,
+    device: str,
+    run: RunConfig,
+    progress: ProgressFactory,
+    *,
+    own_shards: bool = False,
+) -> tuple[float, int]:
+    """Embed the images in ``todo`` into the store, one committed shard per batch.
+
+    Args:
+        own_shards: compact only the shards this process wrote (other ranks write beside it).
+
+    Returns:
+        ``(seconds, images computed)``.
+    """
+    from .backbone import load_backbone
+    from .inference import embed, prepare_model
+
+    if not todo:
+        return 0.0, 0
+    model = prepare_model(load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained), device, run)
+    digests = list(todo)
+    paths = list(todo.values())
+    computed = 0
+    written = 0
+    started = time.perf_counter()
+    with progress("embedding", len(paths)) as advance:
+        for batch in embed(model, paths, store.config, device=device, run=run):
+            errors = [(digests[row], reason) for row, reason in batch.errors]
+            store.write_shard([digests[row] for row in batch.rows.tolist()], batch.outputs, errors)
+            written += 1
+            computed += len(batch.rows)
+            advance(len(batch.rows) + len(errors))
+            if errors and run.on_error == "fail":
+                row, reason = batch.errors[0]
+                raise ImageDecodeError(f"{paths[row]}: {reason}: fix or remove the file, or pass --on-error skip")
+            for row, reason in batch.errors:
+                logger.info("skipped %s: %s", paths[row], reason)
+            if written % COMPACT_SHARDS == 0:
+                store.compact(own=own_shards)
+    seconds = time.perf_counter() - started
+    store.compact(own=own_shards)
+    return seconds, computed
+
+
+def load(path: str | Path, *, output: str = "embeddings", split: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read an exported file.
+
+    Args:
+        path: a file printed by :func:`extract`.
+        output: which stored output: ``embeddings``, ``logits`` or ``stageN``.
+        split: only rows of this split (``train``, ``val``, ``test``).
+
+    Returns:
+        ``(X, y, meta)``: X float32 (N, D); y int64 (N,), -1 when unlabelled; meta a
+        dict with ``paths``, ``split``, ``class_names``, ``errors`` and the stored attributes.
+    """
+    loaded = read_export(path, outputs=[output])
+    X, y, paths, split_column = loaded.arrays[output], loaded.labels, loaded.paths, loaded.split
+    if split is not None:
+        if split_column is None:
+            raise CacheError(f"{path} has no split: load it without split=, or extract labelled data")
+        keep = split_column == split
+        X, y, paths, split_column = X[keep], y[keep], [p for p, k in zip(paths, keep) if k], split_column[keep]
+    meta = dict(loaded.attrs)
+    meta.update(paths=paths, split=split_column, errors=loaded.errors, class_names=list(loaded.attrs.get("class_names", [])))
+    return X, y, meta
