@@ -97,14 +97,25 @@ def environment(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu, "cores": available_cores(), "gpu": gpu, "device": device,
                             "python": platform.python_version()}
     info.update({name.replace("-", ""): v for name, v in versions().items()})
-    commit = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5)
-        commit = done.stdout.strip() if done.returncode == 0 else ""
-    info["git_commit"] = commit
+    info["git_commit"] = _checkout_commit()
     info["machine"] = machine_slug(info)
     return info
+
+
+def _checkout_commit() -> str:
+    """The commit of the embedpipe checkout this code runs from; empty for an installed wheel.
+
+    Only a repository whose top folder holds this package counts: a wheel installed in a venv that
+    sits inside some other project's repository must not record that project's commit.
+    """
+    package = Path(__file__).resolve().parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        lines = done.stdout.split()
+        if done.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == package.parent:
+            return lines[1]
+    return ""
 
 
 def machine_slug(info: dict[str, Any]) -> str:

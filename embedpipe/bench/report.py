@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BenchError
 from .records import ALL, FINETUNE_DIR, REPORT_HTML, SCRATCH, read_finetune_run
 
 # Fields a summary copies from its runs (the same for every seed of one backbone x head x shots).

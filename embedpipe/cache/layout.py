@@ -1,13 +1,7 @@
 """Names, kinds and formats of everything in a cache folder, in one place.
 
-Layout of a cache folder::
-
-    files.sqlite                  path -> (size, mtime, inode) -> sha256 of the file's bytes
-    store/<key>/config.json       the EmbeddingConfig whose hash is <key>
-    store/<key>/shards/*.h5       committed rows: image digest -> outputs, or a decode error
-    store/<key>/.lock             one writer per store at a time (flock)
-    <dataset>-<backbone>-<id>.h5  exported files: one dataset, in its order, for users
-    .tmp-*                        a writer's file before its rename; a dead writer's is removed
+The layout they make up is drawn in :mod:`embedpipe.cache`'s docstring; a writer's file is
+``.tmp-*`` until its rename, and a dead writer's is removed by the next one holding the lock.
 """
 
 from __future__ import annotations

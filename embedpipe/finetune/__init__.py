@@ -2,13 +2,13 @@
 
 Its rooms: :mod:`.stage` (``fine_tune``: the data, the network and its head prepared, the summary),
 :mod:`.recipe` (valid options, which layers train, layer-wise and head learning rates, the
-schedule, the probe as the starting head), :mod:`.loop` (the training loop: phases, epochs,
+schedule, the probe as the starting head), :mod:`.loop` (``Trainer``, the training loop: phases, epochs,
 early stopping, checkpoints, resume) and :mod:`.rundir` (the run folder's files).
 """
 
 from __future__ import annotations
 
-from .loop import Outcome, Split, Splits, train, train_transform
+from .loop import Outcome, Split, Splits, Trainer, train_transform
 from .recipe import (LayerGroups, check_config, head_from_classifier, layer_groups, linear_from_probe, lr_factor, param_groups,
                      parse_unfreeze, plan_phases, set_lr, set_train_mode, set_trainable)
 from .rundir import read_run
@@ -16,4 +16,4 @@ from .stage import FineTuneResult, fine_tune, prepare_network
 
 __all__ = ["FineTuneResult", "LayerGroups", "Outcome", "Split", "Splits", "check_config", "fine_tune", "head_from_classifier",
            "layer_groups", "linear_from_probe", "lr_factor", "param_groups", "parse_unfreeze", "plan_phases", "prepare_network",
-           "read_run", "set_lr", "set_train_mode", "set_trainable", "train", "train_transform"]
+           "read_run", "set_lr", "set_train_mode", "set_trainable", "Trainer", "train_transform"]

@@ -1,7 +1,7 @@
 """The fine-tuning loop: the one place besides :mod:`embedpipe.inference` that runs the network.
 
 The recipe it follows (phases, layer groups, learning rates) is :mod:`.recipe`; the files it
-writes are :mod:`.rundir`; :mod:`.stage` prepares the network and head and calls :func:`train`.
+writes are :mod:`.rundir`; :mod:`.stage` prepares the network and head and calls :meth:`Trainer.run`.
 
 What trains is resolved from the timm model's own structure: its
 ``group_matcher(coarse=False)`` numbers the parameters bottom to top in layer
@@ -127,7 +127,7 @@ def train_transform(preprocess: PreprocessConfig, augment: str) -> Callable[[Any
 
 @dataclass
 class Outcome:
-    """What :func:`train` did; :func:`embedpipe.finetune.fine_tune` turns it into the summary."""
+    """What :meth:`Trainer.run` did; :func:`embedpipe.finetune.fine_tune` turns it into the summary."""
 
     history: list[dict[str, Any]]
     initial: dict[str, float]  # val_loss, val_acc of the starting weights (epoch 0)
@@ -151,8 +151,28 @@ def _seed_everything(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-class _Trainer:
-    """One run: phases, epochs, checkpoints. Build with everything resolved, then :meth:`run`."""
+class Trainer:
+    """One fine-tune run: phases, epochs, checkpoints. Build with everything resolved, then :meth:`run`.
+
+    ``model`` is a timm classifier with ``len(splits.class_names)`` outputs; it trains into the run folder ``out``.
+
+    Args:
+        model: on ``device``, in its memory format; its classifier already initialised (fresh or from a probe).
+        splits: train (to fit), val (to monitor, required) and test (scored once, at the end) images.
+        preprocess: the backbone's eval preprocessing; training augments from it.
+        precision: resolved compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler).
+        device: where the model is.
+        config: the checked recipe (:func:`embedpipe.finetune.recipe.check_config`).
+        run: workers, evaluation batch size, channels_last inputs, error policy.
+        out: the run folder (:mod:`embedpipe.finetune.rundir`).
+        identity: JSON-able description of the run (config, backbone, data); ``resume`` refuses another.
+        progress: progress bar factory, one bar per epoch.
+        on_epoch: called with each epoch's record as it finishes.
+        initial_is_candidate: whether the starting weights (epoch 0) may be the best checkpoint. False
+            for a classifier from a probe that was refit on train + val: its val score is in-sample.
+
+    :meth:`run` returns an :class:`Outcome`; the model then holds the best weights.
+    """
 
     def __init__(
         self,
@@ -386,7 +406,8 @@ class _Trainer:
 
     # ----------------------------------------------------------------- the run
 
-    def run(self, *, resume: bool) -> Outcome:
+    def run(self, *, resume: bool = False) -> Outcome:
+        """Train, or continue the run in ``out`` from its last finished epoch with ``resume``."""
         started = time.perf_counter()
         saved: dict[str, Any] | None = None
         self.out.mkdir(parents=True, exist_ok=True)
@@ -490,46 +511,3 @@ class _Trainer:
             classifier=(classifier.weight.detach().cpu().float().numpy().reshape(len(classes), -1),
                         classifier.bias.detach().cpu().float().numpy()),
         )
-
-
-def train(
-    model: torch.nn.Module,
-    *,
-    splits: Splits,
-    preprocess: PreprocessConfig,
-    precision: str,
-    device: str,
-    config: FineTuneConfig,
-    run: RunConfig,
-    out: Path,
-    identity: dict[str, Any],
-    progress: Callable[[str, int], Any],
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    initial_is_candidate: bool = True,
-    resume: bool = False,
-) -> Outcome:
-    """Fine-tune ``model`` (a timm classifier with ``len(splits.class_names)`` outputs) into the run folder ``out``.
-
-    Args:
-        model: on ``device``, in its memory format; its classifier already initialised (fresh or from a probe).
-        splits: train (to fit), val (to monitor, required) and test (scored once, at the end) images.
-        preprocess: the backbone's eval preprocessing; training augments from it.
-        precision: resolved compute precision: fp32, bf16 (autocast) or fp16 (autocast + grad scaler).
-        device: where the model is.
-        config: the checked recipe (:func:`embedpipe.finetune.recipe.check_config`).
-        run: workers, evaluation batch size, channels_last inputs, error policy.
-        out: the run folder (:mod:`embedpipe.finetune.rundir`).
-        identity: JSON-able description of the run (config, backbone, data); ``resume`` refuses another.
-        progress: progress bar factory, one bar per epoch.
-        on_epoch: called with each epoch's record as it finishes.
-        initial_is_candidate: whether the starting weights (epoch 0) may be the best checkpoint. False
-            for a classifier from a probe that was refit on train + val: its val score is in-sample.
-        resume: continue the run in ``out`` from its last finished epoch.
-
-    Returns:
-        An :class:`Outcome`; the model holds the best weights.
-    """
-    trainer = _Trainer(model, splits=splits, preprocess=preprocess, precision=precision, device=device, config=config,
-                       run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch,
-                       initial_is_candidate=initial_is_candidate)
-    return trainer.run(resume=resume)

@@ -23,7 +23,7 @@ from ..errors import FineTuneError, HeadError
 from ..extraction import as_spec, dataset_fingerprint, ensure_folder, resolve
 from ..heads import HeadInfo, few_shot_indices, load_head, save_head
 from ..machine import CUDA_PEAK, RSS_PEAK, resolve_device, versions
-from .loop import Outcome, Split, Splits, train
+from .loop import Outcome, Split, Splits, Trainer
 from .recipe import check_config, head_from_classifier, linear_from_probe
 from .rundir import BEST_FILE, CONFIG_FILE, CURVES_FILE, HEAD_DIR, SUMMARY_FILE, check_out_folder, plot_curves, write_json
 
@@ -102,44 +102,36 @@ def fine_tune(
     digests = FileIndex(ensure_folder(Path(cache_dir))).digests([r.path for r in dataset.records])
     classes = list(dataset.class_names)
     init, head_info = _probe_init(init_head, embedding, classes) if init_head is not None else (None, None)
-    identity = {
-        "config": config.to_dict(),
-        "backbone": spec.to_dict(),
-        "embedding_key": embedding.key(),
-        "data": dataset_fingerprint(dataset, digests, embedding),
-        "classes": classes,
-        "init_head": head_info.get("cache_key") if head_info else None,
-    }
+    identity = {"config": config.to_dict(), "backbone": spec.to_dict(), "embedding_key": embedding.key(),  # what --resume checks
+                "data": dataset_fingerprint(dataset, digests, embedding), "classes": classes,
+                "init_head": head_info.get("cache_key") if head_info else None}
     model = prepare_network(spec, len(classes), init=init, seed=config.seed, device=device, channels_last=run.channels_last,
                             init_source=init_head)
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume:  # what the run started with; a resumed run keeps its own
         write_json(out / CONFIG_FILE, {
             "fine_tune": config.to_dict(), "backbone": spec.to_dict(), "embedding_config": embedding.to_dict(),
             "source": str(Path(source).resolve()), "split": dataset.describe(), "classes": classes,
-            "init_head": str(Path(init_head).resolve()) if init_head else None, "device": device, "versions": versions(),
-        })
+            "init_head": str(Path(init_head).resolve()) if init_head else None, "device": device, "versions": versions()})
     # auto trains in fp32 on CPU: bf16 autocast, 2x faster for inference there, made a training step of
     # tf_efficientnet_lite0 1.3-2x slower than fp32 on 2 Xeon cores (its backward kernels).
     precision = "fp32" if spec.precision == "auto" and device == "cpu" else embedding.precision
-    outcome = train(model, splits=splits, preprocess=embedding.preprocess, precision=precision,
-                    device=device, config=config, run=run, out=out, identity=identity, resume=resume,
-                    progress=progress, on_epoch=on_epoch,
-                    # A logreg head is refit on train + val, so its val score at epoch 0 is in-sample:
-                    # the best checkpoint is chosen among the fine-tuned epochs.
-                    initial_is_candidate=init is None)
+    trainer = Trainer(model, splits=splits, preprocess=embedding.preprocess, precision=precision, device=device, config=config,
+                      run=run, out=out, identity=identity, progress=progress, on_epoch=on_epoch,
+                      # A logreg head is refit on train + val, so its val score at epoch 0 is in-sample:
+                      # the best checkpoint is chosen among the fine-tuned epochs.
+                      initial_is_candidate=init is None)
+    outcome = trainer.run(resume=resume)
     head_path = _save_head(out, outcome, spec, embedding, device, classes)
     summary = _summary(outcome, out=out, head_path=head_path, splits=splits, device=device, precision=precision, config=config,
                        spec=spec, embedding=embedding, init_head=init_head, source=source, started=started)
     write_json(out / SUMMARY_FILE, summary)
     plot_curves(outcome.history, outcome.best.get("epoch", 0), out / CURVES_FILE, initial=outcome.initial,
                 stop_reason=outcome.stop_reason)
-    return FineTuneResult(
-        out=out, best_checkpoint=out / BEST_FILE, head=head_path, best_epoch=summary["best_epoch"],
-        stopped_epoch=outcome.stopped_epoch, stop_reason=outcome.stop_reason, history=outcome.history,
-        test=outcome.test, val=outcome.val, peak_memory_bytes=summary["peak_memory_bytes"], memory=outcome.memory,
-        seconds=outcome.seconds, summary=summary,
-    )
+    return FineTuneResult(out=out, best_checkpoint=out / BEST_FILE, head=head_path, best_epoch=summary["best_epoch"],
+                          stopped_epoch=outcome.stopped_epoch, stop_reason=outcome.stop_reason, history=outcome.history,
+                          test=outcome.test, val=outcome.val, peak_memory_bytes=summary["peak_memory_bytes"],
+                          memory=outcome.memory, seconds=outcome.seconds, summary=summary)
 
 
 def _splits(dataset: Dataset, config: FineTuneConfig, source: str | Path) -> Splits:

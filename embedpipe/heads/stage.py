@@ -98,8 +98,6 @@ def fit_head(
         loaded: what ``load(embeddings, output=output)`` returned, when the caller has it already
             (``bench`` fits many heads on one file and reads it once).
     """
-    from sklearn.base import clone
-
     if kind not in HEADS:
         raise HeadError(f"unknown head {kind!r}: choose one of {', '.join(HEADS)}")
     X, y, meta = load(embeddings, output=output) if loaded is None else loaded
@@ -126,28 +124,11 @@ def fit_head(
     else:
         head.fit(X[train], names[train])  # the head holds out its own validation share
     fit_seconds = time.perf_counter() - started
-    metrics = {}
-    for name, rows in (("train", train), ("val", val), ("test", parts["test"])):
-        if len(rows):
-            scorer = head
-            if name == "val" and kind in _REFIT_ON_VAL and not holdout:
-                # This head refits on train + val, so it has seen val: score val with the same
-                # hyper-parameter fitted on train alone.
-                scorer = clone(head).set_params(**_REFIT_ON_VAL[kind](head)).fit(X[train], names[train])
-            metrics[name] = classification_metrics(names[rows], scorer.predict_proba(X[rows]), head.classes_)
+    metrics = _score(head, kind, X, names, {"train": train, "val": val, "test": parts["test"]}, refit_seen_val=not holdout)
     reference = metrics.get("val") or metrics.get("test") or metrics["train"]
     diagnosis = diagnose(metrics["train"]["accuracy"], reference["accuracy"], chance=1 / len(head.classes_))
-    result = FitResult(
-        head=head,
-        kind=kind,
-        out=Path(out) if out else None,
-        metrics=metrics,
-        chosen=_chosen(head),
-        fit_seconds=fit_seconds,
-        diagnosis=diagnosis,
-        n_train=len(train),
-        n_val=len(val),
-    )
+    result = FitResult(head=head, kind=kind, out=Path(out) if out else None, metrics=metrics, chosen=_chosen(head),
+                       fit_seconds=fit_seconds, diagnosis=diagnosis, n_train=len(train), n_val=len(val))
     if out:
         save_head(out, head, HeadInfo(
             kind=kind, output=output, backbone_spec=meta.get("backbone_spec"), embedding_config=meta["embedding_config"],
@@ -157,6 +138,23 @@ def fit_head(
             metrics=metrics, chosen=result.chosen, fit_seconds=fit_seconds,
         ))
     return result
+
+
+def _score(head: Any, kind: str, X: np.ndarray, names: np.ndarray, parts: dict[str, np.ndarray], *,
+           refit_seen_val: bool) -> dict[str, dict[str, Any]]:
+    """Metrics of each non-empty split (row indices in ``parts``), val scored as data the head has not seen."""
+    from sklearn.base import clone
+
+    metrics = {}
+    for name, rows in parts.items():
+        if len(rows):
+            scorer = head
+            if name == "val" and kind in _REFIT_ON_VAL and refit_seen_val:
+                # This head refits on train + val, so it has seen val: score val with the same
+                # hyper-parameter fitted on train alone.
+                scorer = clone(head).set_params(**_REFIT_ON_VAL[kind](head)).fit(X[parts["train"]], names[parts["train"]])
+            metrics[name] = classification_metrics(names[rows], scorer.predict_proba(X[rows]), head.classes_)
+    return metrics
 
 
 def _check_same_pipeline(info: dict[str, Any], attrs: dict[str, Any], where: str) -> None:

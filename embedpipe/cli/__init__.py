@@ -1,4 +1,4 @@
-"""The ``embedpipe`` command: parses options, calls :mod:`embedpipe.pipeline`, prints.
+"""The ``embedpipe`` command: parses options, calls each stage's public functions, prints.
 
 Heavy imports (torch, timm) happen inside the library calls, so ``--help``
 answers at once. Library errors become a one-line message and a non-zero
@@ -7,136 +7,19 @@ exit status, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import AUGMENTS, DEFAULT_BACKBONE, MONITORS, SCHEDULES, FineTuneConfig
-from .errors import EmbedpipeError
-from .examples import EXAMPLES
+from ..config import AUGMENTS, MONITORS, SCHEDULES, FineTuneConfig
+from ..examples import EXAMPLES
+from .options import backbone_options, backbone_spec, handle_errors, progress_factory, run_config
 
 logger = logging.getLogger("embedpipe")
-
-
-def _handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into ``error: <message>`` and the error's exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except EmbedpipeError as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(error.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished batches are kept in the cache; rerun to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _progress_factory(quiet: bool) -> Callable[[str, int], Any]:
-    @contextlib.contextmanager
-    def factory(stage: str, total: int) -> Iterator[Callable[[int], None]]:
-        if quiet or total == 0:
-            yield lambda n: None
-            return
-        from tqdm import tqdm
-
-        # disable=None: no bar when stderr is not a terminal (logs, CI, pipes).
-        unit = "fit" if stage.endswith("fits") else "img"  # bench counts head fits
-        with tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr, leave=False, disable=None) as bar:
-            yield bar.update
-
-    return factory
-
-
-def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that runs a backbone (extract, predict, fine-tune, bench)."""
-    options = [
-        click.option("--backbone", "-b", default=DEFAULT_BACKBONE, show_default=True,
-                     help="timm model name, optionally with a pretrained tag (resnet50.a1_in1k)."),
-        click.option("--weights", type=click.Path(dir_okay=False), default=None,
-                     help="Local .safetensors or .pth weights for the backbone (loaded without running pickled code)."),
-        click.option("--no-pretrained", is_flag=True, help="Random (seeded) weights, for tests."),
-        click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True,
-                     help="Cache folder for embeddings."),
-        click.option("--device", default="auto", show_default=True, help="auto picks cuda, then mps, then cpu."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-                     help="Compute precision: auto is bf16 on CUDA and on CPUs with native bf16, else fp32."),
-        click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-                     help="Storage dtype of the embeddings."),
-        click.option("--output", "outputs", multiple=True, default=("embedding",), show_default=True,
-                     help="What to store: embedding (pooled pre-logits), logits, stageN; repeatable."),
-        click.option("--img-size", type=int, default=None, help="Override the input size (square)."),
-        click.option("--crop-pct", type=float, default=None, help="Override the centre-crop fraction."),
-        click.option("--interpolation", default=None, help="Override the resize interpolation (bicubic, bilinear...)."),
-        click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
-        click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
-        click.option("--no-jpeg-draft", is_flag=True, help="Decode JPEGs at full size even when much larger than needed."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory."),
-        click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: by device]."),
-        click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone."),
-        click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
-
-
-def backbone_spec(kw: dict[str, Any]) -> Any:
-    """Build a BackboneSpec from the shared options (popping them from ``kw``)."""
-    from .config import BackboneSpec
-
-    preprocess = {
-        "input_size": kw.pop("img_size"),
-        "crop_pct": kw.pop("crop_pct"),
-        "interpolation": kw.pop("interpolation"),
-        "mean": _floats(kw.pop("mean")),
-        "std": _floats(kw.pop("std")),
-    }
-    if kw.pop("no_jpeg_draft"):
-        preprocess["jpeg_draft"] = False
-    outputs = tuple(o for value in kw.pop("outputs") for o in value.split(",") if o)
-    return BackboneSpec(
-        name=kw.pop("backbone"),
-        weights=kw.pop("weights"),
-        pretrained=not kw.pop("no_pretrained"),
-        outputs=outputs,
-        precision=kw.pop("precision"),
-        dtype=kw.pop("dtype"),
-        preprocess={k: v for k, v in preprocess.items() if v is not None},
-    )
-
-
-def run_config(kw: dict[str, Any], *, on_error: str = "skip") -> Any:
-    from .config import RunConfig
-
-    return RunConfig(
-        device=kw.pop("device"),
-        batch_size=kw.pop("batch_size"),
-        num_workers=kw.pop("workers"),
-        channels_last=not kw.pop("no_channels_last"),
-        compile=kw.pop("compile_"),
-        on_error=on_error,
-    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -166,7 +49,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the file path; no progress bars.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet: bool, val_fraction: float,
             test_fraction: float, split_seed: int, **kw: Any) -> None:
     """Embed a dataset once with a frozen backbone into the HDF5 cache.
@@ -180,9 +63,9 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
         embedpipe extract data/flowers -b resnet50.a1_in1k --output embedding --output logits
         torchrun --nproc-per-node 8 -m embedpipe extract data/flowers -b resnet50.a1_in1k
     """
-    from .config import SplitConfig
-    from .distributed import is_main_process
-    from .extraction import extract as run_extract
+    from ..config import SplitConfig
+    from ..distributed import is_main_process
+    from ..extraction import extract as run_extract
 
     spec = backbone_spec(kw)
     run = run_config(kw, on_error=on_error)
@@ -194,7 +77,7 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
         cache_dir=kw.pop("cache_dir"),
         split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed),
         run=run,
-        progress=_progress_factory(quiet or not main_rank),
+        progress=progress_factory(quiet or not main_rank),
     )
     if not main_rank:
         return
@@ -224,7 +107,7 @@ _HEAD_OPTIONS = {  # CLI option -> head parameter; only options the user sets ar
 
 
 def _head_params(kind: str, kw: dict[str, Any]) -> dict[str, Any]:
-    from .heads import HEADS
+    from ..heads import HEADS
 
     accepted = set(HEADS[kind]().get_params())
     params = {}
@@ -267,7 +150,7 @@ def _print_metrics(metrics: dict[str, dict[str, Any]]) -> None:
 @click.option("--k", type=int, default=None, help="knn: neighbours (default: chosen on validation).")
 @click.option("--head-device", default=None, help="Device for torch heads (auto: GPU when there is one).")
 @click.option("--json", "as_json", is_flag=True)
-@_handle_errors
+@handle_errors
 def fit_head(embeddings: str, kind: str, out: str | None, shots: int | None, seed: int, output: str, as_json: bool, **kw: Any) -> None:
     """Train a head on cached embeddings: train split to fit, val to choose, every split reported.
 
@@ -276,7 +159,7 @@ def fit_head(embeddings: str, kind: str, out: str | None, shots: int | None, see
         embedpipe fit-head cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --head logreg --out heads/elpv-logreg
         embedpipe fit-head cache/elpv-...h5 --head knn --shots 10 --seed 1
     """
-    from .heads import fit_head as run_fit
+    from ..heads import fit_head as run_fit
 
     result = run_fit(embeddings, kind, out=out, params=_head_params(kind, kw), shots=shots, seed=seed, output=output)
     if as_json:
@@ -299,7 +182,7 @@ def fit_head(embeddings: str, kind: str, out: str | None, shots: int | None, see
 @click.argument("embeddings", type=click.Path())
 @click.option("--split", default=None, help="Only this split (train, val, test).")
 @click.option("--json", "as_json", is_flag=True)
-@_handle_errors
+@handle_errors
 def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> None:
     """Score a saved head on an exported embeddings file made with the same backbone.
 
@@ -307,7 +190,7 @@ def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> No
     Example:
         embedpipe evaluate heads/elpv-logreg cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --split test
     """
-    from .heads import evaluate as run_evaluate
+    from ..heads import evaluate as run_evaluate
 
     metrics = run_evaluate(head, embeddings, split=split)
     if as_json:
@@ -328,7 +211,7 @@ def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> No
 @click.option("--workers", type=int, default=None)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
-@_handle_errors
+@handle_errors
 def predict(ctx: click.Context, head: str, source: str, top_k: int, out_file: str | None, cache_dir: str, device: str,
             batch_size: int | None, workers: int | None, quiet: bool) -> None:
     """Label new images: images -> the head's backbone (via the cache) -> head -> top-k classes.
@@ -340,12 +223,12 @@ def predict(ctx: click.Context, head: str, source: str, top_k: int, out_file: st
     Example:
         embedpipe predict heads/elpv-logreg path/to/new/images --top-k 2 --out predictions.csv
     """
-    from .config import RunConfig
-    from .heads import predict as run_predict
+    from ..config import RunConfig
+    from ..heads import predict as run_predict
 
     run = RunConfig(device=device, batch_size=batch_size, num_workers=workers)
     predictions, failed = run_predict(
-        head, source, top_k=top_k, cache_dir=cache_dir, run=run, progress=_progress_factory(ctx.obj["quiet"] or quiet)
+        head, source, top_k=top_k, cache_dir=cache_dir, run=run, progress=progress_factory(ctx.obj["quiet"] or quiet)
     )
     records = [{"path": p.path, "label": p.label, "top": [{"class": c, "probability": round(v, 6)} for c, v in p.top]} for p in predictions]
     if out_file:
@@ -378,10 +261,10 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @cli.command()
 @click.argument("source", type=click.Path())
 @click.option("--backbones", default=None,
-              help="Comma list of timm names and/or named lists from benchmarks/backbones.json "
+              help="Comma list of timm names and/or named lists from embedpipe/bench/backbones.json "
                    "(offline, offline-fast, small, standard, test) [default: --backbone].")
 @click.option("--backbone-lists", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="A JSON file of named backbone lists (name -> [timm names]) [default: benchmarks/backbones.json].")
+              help="A JSON file of named backbone lists (name -> [timm names]) [default: the lists shipped in embedpipe/bench/backbones.json].")
 @backbone_options
 @click.option("--heads", default="logreg,knn", show_default=True, help="Comma list of heads: logreg, knn, mlp.")
 @click.option("--shots", default="all", show_default=True,
@@ -402,7 +285,7 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and failure records as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the table.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists: str | None, heads: str, shots: str, seeds: int, out: str,
           skip_existing: bool, baseline: str | None, finetune_runs: tuple[str, ...], cs: int | None, val_fraction: float,
           test_fraction: float, split_seed: int, as_json: bool, quiet: bool, **kw: Any) -> None:
@@ -422,9 +305,9 @@ def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists
 
     from click.core import ParameterSource
 
-    from .bench import bench as run_bench
-    from .bench import parse_shots, resolve_backbones, text_table
-    from .config import SplitConfig
+    from ..bench import bench as run_bench
+    from ..bench import parse_shots, resolve_backbones, text_table
+    from ..config import SplitConfig
 
     if backbones is not None and ctx.get_parameter_source("backbone") == ParameterSource.COMMANDLINE:
         raise click.UsageError("pass either --backbone or --backbones, not both")
@@ -448,7 +331,7 @@ def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists
         head_params={"logreg": {"Cs": cs}} if cs is not None else None,
         baseline=baseline,
         finetune_runs=finetune_runs,
-        progress=_progress_factory(quiet),
+        progress=progress_factory(quiet),
     )
     if as_json:
         click.echo(json.dumps({"summaries": result.summaries, "errors": result.errors}, indent=2, default=str))
@@ -469,7 +352,7 @@ def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists
               help="A fine-tune run folder (metrics.jsonl, summary.json) to add to the report; repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary records as JSON.")
 @click.option("--markdown", is_flag=True, help="Print the table as Markdown (for a README).")
-@_handle_errors
+@handle_errors
 def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bool) -> None:
     """Re-render OUT/report.html and the plots from a bench's stored results; prints the table.
 
@@ -478,8 +361,8 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
         embedpipe report reports/flowers
         embedpipe report reports/flowers --finetune-run runs/flowers-lite0
     """
-    from .bench import markdown_table, read_results, text_table
-    from .bench import report as run_report
+    from ..bench import markdown_table, read_results, text_table
+    from ..bench import report as run_report
 
     result = run_report(out, finetune_runs=finetune_runs)
     if as_json:
@@ -528,7 +411,7 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the table.")
 @click.pass_context
-@_handle_errors
+@handle_errors
 def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, resume: bool, val_fraction: float,
               test_fraction: float, split_seed: int, on_error: str, as_json: bool, **kw: Any) -> None:
     """Fine-tune the backbone and a classifier: head first, then the top layers at a low LR.
@@ -545,8 +428,8 @@ def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, 
         embedpipe extract data/flowers --weights runs/flowers-ft/best.safetensors
         embedpipe fine-tune data/flowers --out runs/flowers-ft --resume
     """
-    from .config import FineTuneConfig, SplitConfig
-    from .finetune import fine_tune as run_fine_tune
+    from ..config import FineTuneConfig, SplitConfig
+    from ..finetune import fine_tune as run_fine_tune
 
     batch_size_set = ctx.get_parameter_source("batch_size") != click.core.ParameterSource.DEFAULT
     spec = backbone_spec(kw)
@@ -566,7 +449,7 @@ def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, 
     result = run_fine_tune(
         source, spec, out=out, config=config, init_head=init_head, resume=resume, cache_dir=cache_dir,
         split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed), run=run,
-        progress=_progress_factory(quiet), on_epoch=show_epoch,
+        progress=progress_factory(quiet), on_epoch=show_epoch,
     )
     summary = result.summary
     if as_json:
@@ -589,7 +472,7 @@ def fine_tune(ctx: click.Context, source: str, out: str, init_head: str | None, 
 @cli.command("example-data")
 @click.argument("name", type=click.Choice(sorted(EXAMPLES)))
 @click.argument("dest", type=click.Path(file_okay=False))
-@_handle_errors
+@handle_errors
 def example_data(name: str, dest: str) -> None:
     """Write a small real labelled dataset that ships in a PyPI package; prints its manifest.
 
@@ -598,7 +481,7 @@ def example_data(name: str, dest: str) -> None:
         pip install elpv-dataset
         embedpipe example-data elpv data/elpv && embedpipe extract data/elpv/manifest.csv
     """
-    from .examples import prepare_example
+    from ..examples import prepare_example
 
     click.echo(str(prepare_example(name, dest)))
 
@@ -611,7 +494,7 @@ def cache() -> None:
 @cache.command("ls")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-@_handle_errors
+@handle_errors
 def cache_ls(cache_dir: str, as_json: bool) -> None:
     """List exported files and stores.
 
@@ -619,7 +502,7 @@ def cache_ls(cache_dir: str, as_json: bool) -> None:
     Example:
         embedpipe cache ls --cache-dir cache/
     """
-    from .cache import cache_list
+    from ..cache import cache_list
 
     listing = cache_list(cache_dir)
     if as_json:
@@ -644,7 +527,7 @@ def cache_ls(cache_dir: str, as_json: bool) -> None:
 @cache.command("info")
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
-@_handle_errors
+@handle_errors
 def cache_info(file: str, as_json: bool) -> None:
     """Show an exported file's metadata and error ledger.
 
@@ -652,7 +535,7 @@ def cache_info(file: str, as_json: bool) -> None:
     Example:
         embedpipe cache info cache/flowers-tf_efficientnet_lite0-0123456789ab.h5
     """
-    from .cache import cache_info as info
+    from ..cache import cache_info as info
 
     data = info(file)
     if as_json:
@@ -671,7 +554,7 @@ def cache_info(file: str, as_json: bool) -> None:
 @cache.command("verify")
 @click.argument("target", type=click.Path(), default="cache")
 @click.option("--files", "check_files", is_flag=True, help="Also re-hash the source images and report changed ones.")
-@_handle_errors
+@handle_errors
 def cache_verify(target: str, check_files: bool) -> None:
     """Read every byte of an exported file (or a whole cache folder) and check it.
 
@@ -679,7 +562,7 @@ def cache_verify(target: str, check_files: bool) -> None:
     Example:
         embedpipe cache verify cache/
     """
-    from .cache import cache_verify as verify
+    from ..cache import cache_verify as verify
 
     problems = verify(target, check_files=check_files)
     for problem in problems:
@@ -693,7 +576,7 @@ def cache_verify(target: str, check_files: bool) -> None:
 @click.argument("targets", nargs=-1)
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
 @click.option("--all", "everything", is_flag=True, help="Delete the whole cache folder.")
-@_handle_errors
+@handle_errors
 def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None:
     """Delete exported files, stores (by key prefix or backbone name), or everything.
 
@@ -703,7 +586,7 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
         embedpipe cache rm resnet50 --cache-dir cache/
         embedpipe cache rm --all
     """
-    from .cache import cache_remove
+    from ..cache import cache_remove
 
     if not targets and not everything:
         raise click.UsageError("name what to remove (a file, a store key or a backbone), or pass --all")
@@ -712,7 +595,7 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
 
 
 def main() -> None:
-    from .allocator import keep_freed_memory
+    from ..allocator import keep_freed_memory
 
     keep_freed_memory()  # 1.5-1.9x faster CPU forwards; a process-wide choice, so only here (see allocator.py)
     cli(prog_name="embedpipe")
