@@ -12,7 +12,7 @@ ratios, so slow drift on a noisy machine cancels out. Measurements and goals:
    (``ExtractResult.images_per_second``) vs its limit ``1 / (1/forward +
    1/decode)`` on CPU, ``min(forward, decode)`` on a GPU, where decode is
    ``inference.ImageFiles`` through a DataLoader built as embed() builds it (>= 0.90).
-3. cache writes: ``pipeline._compute`` (the embedding loop, one
+3. cache writes: ``extraction._compute`` (the embedding loop, one
    ``Store.write_shard`` per batch) vs the same loop with writes discarded (>= 0.98).
 4. cache hit: a second ``extract()`` on the same data and cache vs the first (<= 0.02).
 5. incremental: ``extract()`` after adding 1% new images vs the first (<= 0.03).
@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import json
 import math
-import re
 import resource
 import shutil
 import statistics
@@ -60,16 +58,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
 
-from _common import REPO, ContentionMeter, machine_info, machine_slug
+from _harness import PHOTO_QUALITY, PHOTO_SIZE, Harness, Selection, add_sampling_options, machine_info, photo, results_path
 
 import embedpipe  # noqa: E402
 from embedpipe import BackboneSpec, RunConfig  # noqa: E402
@@ -79,9 +75,11 @@ ensure_torchvision_importable()
 
 import torch  # noqa: E402
 
-from embedpipe import inference, pipeline  # noqa: E402
-from embedpipe.backbone import load_backbone, resolve_device  # noqa: E402
+from embedpipe import extraction, inference  # noqa: E402
+from embedpipe._progress import no_progress  # noqa: E402
+from embedpipe.backbone import load_backbone  # noqa: E402
 from embedpipe.cache import Store  # noqa: E402
+from embedpipe.machine import PeakMemory, resolve_device  # noqa: E402
 from embedpipe.preprocess import normalize  # noqa: E402
 
 # Goals: (comparison, bound). ">=" for speed ratios, "<=" for time ratios.
@@ -94,34 +92,9 @@ GOALS = {
     "bf16_cosine": (">=", 0.99),  # min cosine to fp32 for bf16 to be a CPU default
 }
 NEW_FRACTION = 0.01  # share of new images in the incremental extraction
-IMAGE_SIZE = (500, 375)  # a typical web photo (ImageNet's median is about 500x375)
-JPEG_QUALITY = 90
-
-
-# --------------------------------------------------------------------------- environment
 
 
 # --------------------------------------------------------------------------- data
-
-
-def photo(seed: int, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
-    """A photo-like RGB image: smooth colour field, a few shapes, slight blur, sensor noise.
-
-    At quality 90 these are about 45 KB, as web photos of that size are; pure
-    noise would be 3-4x larger and slower to decode than any real photo.
-    """
-    rng = np.random.default_rng(seed)
-    w, h = size
-    image = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-    pen = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(3, 9))):
-        x, y, s = int(rng.integers(-50, w)), int(rng.integers(-50, h)), int(rng.integers(20, 200))
-        box = (x, y, x + s, y + int(s * rng.uniform(0.5, 1.5)))
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (pen.ellipse if rng.random() < 0.5 else pen.rectangle)(box, fill=fill)
-    image = image.filter(ImageFilter.GaussianBlur(1.0))
-    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def make_images(folder: Path, count: int, *, start: int = 0) -> list[Path]:
@@ -129,7 +102,7 @@ def make_images(folder: Path, count: int, *, start: int = 0) -> list[Path]:
     paths = []
     for i in range(start, start + count):
         path = folder / f"img_{i:06d}.jpg"
-        photo(i).save(path, quality=JPEG_QUALITY)
+        photo(i).save(path, quality=PHOTO_QUALITY)
         paths.append(path)
     return paths
 
@@ -185,21 +158,26 @@ class DiscardStore(Store):
         return None
 
 
-class Bench:
-    """Holds the dataset, the models and the records of one benchmark run."""
+class Bench(Harness):
+    """Holds the dataset and the models of one benchmark run; the harness holds its records."""
+
+    # Before each sample: one quiet half-second, checked again 1 s after a busy one.
+    QUIET_POLL_SECONDS = 0.5
+    QUIET_POLLS = 1
+    BUSY_PAUSE_SECONDS = 1.0
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = resolve_device(args.device)
         preprocess = {"input_size": args.input_size} if args.input_size else {}
         self.spec = BackboneSpec(name=args.backbone, pretrained=not args.no_pretrained, precision=args.precision, preprocess=preprocess)
-        self.config = pipeline.resolve(self.spec, self.device)
+        self.config = extraction.resolve(self.spec, self.device)
         # The bf16 rows compare the resolved precision with the other one of fp32/bf16.
         self.other_precision = "bf16" if self.config.precision == "fp32" else "fp32"
         self.workers = inference.default_workers(self.device) if args.workers is None else args.workers
         self.run_cfg = RunConfig(device=self.device, batch_size=args.batch_size, num_workers=self.workers)
         self.info = machine_info(self.device)
-        self.common = {
+        common = {
             "bench": "extract",
             **self.info,
             "backbone": args.backbone,
@@ -213,8 +191,7 @@ class Bench:
             "channels_last": self.run_cfg.channels_last,
             "repeats": args.repeats,
         }
-        self.records: list[dict[str, Any]] = []
-        self.samples: dict[str, list[dict[str, Any]]] = {}
+        super().__init__(common, max_contention=args.max_contention, max_wait=args.max_wait)
         self.embeddings: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------- setup
@@ -270,30 +247,6 @@ class Bench:
             "embed_predecoded_contiguous": (self.model_contiguous, self.config, False),
         }
 
-    # ----------------------------------------------------------------- records
-
-    def record(self, measurement: str, variant: str, **values: Any) -> dict[str, Any]:
-        row = {**self.common, "measurement": measurement, "variant": variant, "error": None, **values}
-        self.records.append(row)
-        return row
-
-    def diag(self, variant: str, value: float, unit: str, **extra: Any) -> None:
-        self.record("diagnostic", variant, value=value, unit=unit, **extra)
-
-    def try_run(self, measurement: str, variant: str, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
-        """Run one sample; a failure becomes a record with its error and the benchmark goes on."""
-        gc.collect()
-        meter = ContentionMeter()
-        try:
-            values = fn()
-        except Exception as error:  # noqa: BLE001 - any failure is a result to record
-            failed = self.record(measurement, variant, rep=rep, error=f"{type(error).__name__}: {error}")
-            traceback.print_exc()
-            self.samples.setdefault(variant, []).append(failed)
-            return
-        values["other_cores_busy"] = meter.other_cores_busy()
-        self.samples.setdefault(variant, []).append(self.record(measurement, variant, rep=rep, **values))
-
     # ----------------------------------------------------------------- the variants
 
     def bare_forward(self) -> dict[str, Any]:
@@ -339,14 +292,14 @@ class Bench:
         store.create()
         try:
             todo = dict(list(self.todo.items())[: self.args.forward_images])
-            seconds, computed = pipeline._compute(store, todo, self.spec, self.config, self.device, self.run_cfg, pipeline._no_progress)
+            seconds, computed = extraction._compute(store, todo, self.spec, self.device, self.run_cfg, no_progress)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         extra = {"write_seconds": store.write_seconds, "shards": store.shards_written} if writes else {}
         return {"seconds": seconds, "images_per_second": computed / seconds, **extra}
 
     def allocator_child(self, malloc: str) -> dict[str, Any]:
-        """The bare forward in a fresh process, with glibc's malloc defaults or tuned (see tune_glibc_malloc)."""
+        """The bare forward in a fresh process, with glibc's malloc defaults or tuned (see embedpipe.keep_freed_memory)."""
         a = self.args
         command = [sys.executable, __file__, "--allocator-child", malloc, "--backbone", a.backbone, "--batch-size", str(a.batch_size)]
         command += ["--forward-images", str(len(self.decoded))] + (["--no-pretrained"] if a.no_pretrained else [])
@@ -379,12 +332,12 @@ class Bench:
 
                 return fn
 
-            self.try_run("end_to_end", "extract_first", rep, call("extract_first"))
-            self.try_run("cache_hit", "extract_hit", rep, call("extract_hit"))
+            self.sample("end_to_end", "extract_first", rep, call("extract_first"))
+            self.sample("cache_hit", "extract_hit", rep, call("extract_hit"))
             for path in self.new_paths:
                 path.rename(self.data / path.name)
                 moved.append(path)
-            self.try_run("incremental", "extract_incremental", rep, call("extract_incremental"))
+            self.sample("incremental", "extract_incremental", rep, call("extract_incremental"))
         finally:
             for path in moved:
                 (self.data / path.name).rename(path)
@@ -393,44 +346,28 @@ class Bench:
     def units(self, rep: int) -> list[Callable[[], None]]:
         # Variants that are compared sit next to each other, so a pair runs close in time.
         return [
-            lambda: self.try_run("bf16", f"embed_predecoded_{self.other_precision}", rep, lambda: self.predecoded(f"embed_predecoded_{self.other_precision}")),
-            lambda: self.try_run("channels_last", "embed_predecoded_contiguous", rep, lambda: self.predecoded("embed_predecoded_contiguous")),
+            lambda: self.sample("bf16", f"embed_predecoded_{self.other_precision}", rep, lambda: self.predecoded(f"embed_predecoded_{self.other_precision}")),
+            lambda: self.sample("channels_last", "embed_predecoded_contiguous", rep, lambda: self.predecoded("embed_predecoded_contiguous")),
             # A B B A here too: a pair's order alone moved its ratio by up to 10%.
-            lambda: self.try_run("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
-            lambda: self.try_run("loop_overhead", "bare_forward", rep, self.bare_forward),
-            lambda: self.try_run("loop_overhead", "bare_forward", rep, self.bare_forward),
-            lambda: self.try_run("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
-            lambda: self.try_run("end_to_end", "decode_only", rep, self.decode_only),
+            lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
+            lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward),
+            lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward),
+            lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
+            lambda: self.sample("end_to_end", "decode_only", rep, self.decode_only),
             lambda: self.extract_chain(rep),
             # A B B A: the second of two back-to-back _compute runs is often slower, whichever it is.
-            lambda: self.try_run("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
-            lambda: self.try_run("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
-            lambda: self.try_run("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
-            lambda: self.try_run("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
-            lambda: self.try_run("allocator", "child_forward_glibc_default", rep, lambda: self.allocator_child("default")),
-            lambda: self.try_run("allocator", "child_forward_malloc_tuned", rep, lambda: self.allocator_child("tuned")),
+            lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
+            lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
+            lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
+            lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
+            lambda: self.sample("allocator", "child_forward_glibc_default", rep, lambda: self.allocator_child("default")),
+            lambda: self.sample("allocator", "child_forward_malloc_tuned", rep, lambda: self.allocator_child("tuned")),
         ][: None if self.args.allocator else -2]
 
-    def wait_for_quiet(self) -> None:
-        """Before a unit, wait (within --max-wait seconds in all) until other processes leave the cores alone."""
-        while self.waited < self.args.max_wait:
-            meter = ContentionMeter()
-            time.sleep(0.5)
-            busy = meter.other_cores_busy()
-            self.waited += 0.5
-            if busy is None or busy <= self.args.max_contention:
-                return
-            time.sleep(1.0)
-            self.waited += 1.0
-
     def run(self) -> None:
-        self.waited = 0.0
         for rep in range(self.args.repeats):
-            units = self.units(rep)
             started = time.perf_counter()
-            for unit in units if rep % 2 == 0 else reversed(units):
-                self.wait_for_quiet()
-                unit()
+            self.run_interleaved(self.units(rep), rep)
             print(f"  repetition {rep + 1}/{self.args.repeats}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
             if f"embed_predecoded_{self.other_precision}" in self.embeddings and "embed_predecoded" in self.embeddings:
                 self.cosines = cosine_rows(self.embeddings[f"embed_predecoded_{self.other_precision}"], self.embeddings["embed_predecoded"])
@@ -479,59 +416,6 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def med(values: Any) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(values) if values else None
-
-
-class Selection:
-    """Samples of some variants grouped by repetition, preferring repetitions no other process disturbed.
-
-    Within a repetition, variants that ran equally often (A B B A) are paired
-    in run order; otherwise each variant's samples in that repetition are
-    merged (median). A group is clean when, in each of its samples, other
-    processes kept at most ``max_contention`` cores busy; when no group is
-    clean, all complete ones are used and the table says so.
-    """
-
-    def __init__(self, bench: Bench, *variants: str) -> None:
-        complete: list[dict[str, dict[str, Any]]] = []
-        for rep in range(bench.args.repeats):
-            runs = {v: [x for x in bench.samples.get(v, []) if x.get("rep") == rep and x.get("error") is None] for v in variants}
-            if not variants or not all(runs.values()):
-                continue
-            counts = {len(r) for r in runs.values()}
-            if len(counts) == 1:
-                complete += [{v: runs[v][k] for v in variants} for k in range(counts.pop())]
-            else:
-                complete.append({v: merge(r) for v, r in runs.items()})
-        clean = [
-            group for group in complete
-            if all((x.get("other_cores_busy") or 0.0) <= bench.args.max_contention for x in group.values())
-        ]
-        self.reps = clean or complete
-        self.clean, self.complete = len(clean), len(complete)
-
-    def median(self, fn: Callable[[dict[str, dict[str, Any]]], float | None]) -> float | None:
-        return med(fn(group) for group in self.reps)
-
-    def value(self, variant: str, key: str) -> float | None:
-        return med(group[variant].get(key) for group in self.reps)
-
-    def label(self) -> str:
-        return f"{self.clean}/{self.complete}"
-
-
-def merge(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """One sample standing for several of a variant: median numbers, worst contention."""
-    merged = dict(samples[0])
-    for key, value in merged.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "rep":
-            merged[key] = med(x.get(key) for x in samples)
-    merged["other_cores_busy"] = max((x.get("other_cores_busy") or 0.0) for x in samples)
-    return merged
 
 
 def passes(measurement: str, ratio: float | None) -> bool | None:
@@ -590,14 +474,14 @@ def summarize(bench: Bench) -> list[list[str]]:
         return 1 / (1 / fwd + 1 / dec) if cpu else min(fwd, dec)
 
     # 1. loop overhead
-    sel = Selection(bench, "embed_predecoded", "bare_forward")
+    sel = bench.select("embed_predecoded", "bare_forward")
     row("1 loop", "bare timm forward, pre-normalised batches", fmt(sel.value("bare_forward", "images_per_second"), "ips"), sel=sel)
     row("1 loop", "embed() fed pre-decoded uint8 images", fmt(sel.value("embed_predecoded", "images_per_second"), "ips"),
         "loop_overhead", "embed_vs_bare", sel.median(ips_ratio("embed_predecoded", "bare_forward")), sel,
         "embed() on pre-decoded images / bare timm forward, images/s")
 
     # 2. end to end
-    sel = Selection(bench, "extract_first", "bare_forward", "decode_only")
+    sel = bench.select("extract_first", "bare_forward", "decode_only")
     form = "1/(1/fwd+1/dec)" if cpu else "min(fwd, dec)"
     lim = sel.median(limit)
     row("2 e2e", f"decode+transform only, {bench.workers} worker(s)", fmt(sel.value("decode_only", "images_per_second"), "ips"), sel=sel)
@@ -608,7 +492,7 @@ def summarize(bench: Bench) -> list[list[str]]:
     row("2 e2e", "extract(): whole call, fresh cache", fmt(sel.value("extract_first", "seconds"), "s"), sel=sel)
 
     # 3. cache writes
-    sel = Selection(bench, "compute_writes", "compute_discard")
+    sel = bench.select("compute_writes", "compute_discard")
     share = sel.median(lambda g: g["compute_writes"]["write_seconds"] / g["compute_writes"]["seconds"])
     row("3 writes", "embedding loop, outputs discarded", fmt(sel.value("compute_discard", "images_per_second"), "ips"), sel=sel)
     row("3 writes", "embedding loop + write_shard per batch", fmt(sel.value("compute_writes", "images_per_second"), "ips"),
@@ -617,14 +501,14 @@ def summarize(bench: Bench) -> list[list[str]]:
     row("3 writes", "  time inside write_shard / loop time", "n/a" if share is None else f"{100 * share:.2f} %", sel=sel)
 
     # 4. cache hit
-    sel = Selection(bench, "extract_hit", "extract_first")
+    sel = bench.select("extract_hit", "extract_first")
     row("4 hit", "extract() first, fresh cache", fmt(sel.value("extract_first", "seconds"), "s"), sel=sel)
     row("4 hit", "extract() again, cache hit", fmt(sel.value("extract_hit", "seconds"), "s"),
         "cache_hit", "hit_vs_first", sel.median(lambda g: g["extract_hit"]["seconds"] / g["extract_first"]["seconds"]), sel,
         "wall time of a cache hit / first extraction")
 
     # 5. incremental, and what it pays whatever its size
-    sel = Selection(bench, "extract_incremental", "extract_first")
+    sel = bench.select("extract_incremental", "extract_first")
     n_new, n = len(bench.new_paths), bench.args.images
     row("5 incr", f"extract() after adding {n_new} new images ({100 * NEW_FRACTION:.0f}%)", fmt(sel.value("extract_incremental", "seconds"), "s"),
         "incremental", "incremental_vs_first", sel.median(lambda g: g["extract_incremental"]["seconds"] / g["extract_first"]["seconds"]), sel,
@@ -645,7 +529,7 @@ def summarize(bench: Bench) -> list[list[str]]:
     bf16, fp32 = (
         ("embed_predecoded", "embed_predecoded_fp32") if bench.other_precision == "fp32" else ("embed_predecoded_bf16", "embed_predecoded")
     )
-    sel = Selection(bench, bf16, fp32)
+    sel = bench.select(bf16, fp32)
     cos = getattr(bench, "cosines", None)
     cmin, cmean = (float(cos.min()), float(cos.mean())) if cos is not None else (None, None)
     row("bf16", "embed() pre-decoded, fp32", fmt(sel.value(fp32, "images_per_second"), "ips"), sel=sel)
@@ -654,7 +538,7 @@ def summarize(bench: Bench) -> list[list[str]]:
         "bf16 / fp32 images/s, pre-decoded", cosine_min=cmin, cosine_mean=cmean)
     row("bf16", "  cosine to fp32 embeddings, min (mean)", "n/a" if cmin is None else f"{cmin:.4f} ({cmean:.4f})",
         "bf16_cosine", "bf16_cosine_min", cmin, None, "min over images of cosine(bf16, fp32)", cosine_mean=cmean)
-    sel = Selection(bench, "embed_predecoded", "embed_predecoded_contiguous")
+    sel = bench.select("embed_predecoded", "embed_predecoded_contiguous")
     cos = getattr(bench, "cosines_cl", None)
     row("chan_last", "embed() pre-decoded, channels_last off", fmt(sel.value("embed_predecoded_contiguous", "images_per_second"), "ips"), sel=sel)
     row("chan_last", "  speed-up of channels_last on", "", "channels_last", "on_vs_off",
@@ -662,7 +546,7 @@ def summarize(bench: Bench) -> list[list[str]]:
         "channels_last on / off images/s, pre-decoded", cosine_min=None if cos is None else float(cos.min()))
 
     # glibc malloc
-    sel = Selection(bench, "child_forward_malloc_tuned", "child_forward_glibc_default")
+    sel = bench.select("child_forward_malloc_tuned", "child_forward_glibc_default")
     if sel.complete:
         extra = {
             f"{key}_{name}": sel.value(f"child_forward_{name}", key)
@@ -680,53 +564,23 @@ def summarize(bench: Bench) -> list[list[str]]:
     return rows
 
 
-def print_table(bench: Bench, rows: list[list[str]], total: float) -> str:
+HEADER = ["#", "variant", "value", "ratio", "goal", "result", "clean reps"]
+
+
+def title(bench: Bench) -> list[str]:
     info = bench.info
-    lines = [
+    return [
         f"embedpipe extract benchmark: {bench.args.backbone} ({'pretrained' if not bench.args.no_pretrained else 'random'} weights), "
-        f"{bench.args.images} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} q{JPEG_QUALITY}, input {bench.common['input_size']}, "
+        f"{bench.args.images} JPEGs {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} q{PHOTO_QUALITY}, input {bench.common['input_size']}, "
         f"{bench.args.repeats} repetitions, medians",
         f"machine: {info['cpu']}, {info['cores']} cores{', ' + info['gpu'] if info['gpu'] else ''}; torch {info['torch']}, "
         f"timm {info['timm']}, {info['torch_threads']} torch threads; device {bench.device}, batch {bench.args.batch_size}, "
         f"workers {bench.workers}, precision {bench.config.precision}, channels_last {bench.run_cfg.channels_last}, "
         f"glibc malloc {'tuned (--malloc-tuned)' if bench.common.get('malloc_tuned') else 'defaults'}; "
         f"pre-decoded, cache-write and malloc variants on {bench.common['forward_images']} images",
-        "",
     ]
-    header = ["#", "variant", "value", "ratio", "goal", "result", "clean reps"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt_row = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    lines.append(fmt_row(header))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(fmt_row(r) for r in rows)
-    busy = [r["other_cores_busy"] for r in bench.records if r.get("other_cores_busy") is not None]
-    if busy:
-        lines.append(
-            f"\nother processes kept {statistics.median(busy):.2f} cores busy during the median sample "
-            f"(max {max(busy):.2f})" + ("; rerun on a quiet machine" if statistics.median(busy) > 0.1 else "")
-        )
-    errors = [r for r in bench.records if r.get("error")]
-    if errors:
-        lines.append(f"\n{len(errors)} failed samples, e.g. {errors[0]['variant']}: {errors[0]['error']}")
-    lines.append(f"\ntotal runtime {total:.0f} s")
-    text = "\n".join(lines)
-    print(text)
-    return text
 
 
-def tune_glibc_malloc() -> bool:
-    """The embedpipe command's allocator setting (``embedpipe._malloc``), applied to this process."""
-    from embedpipe._malloc import keep_freed_memory
-
-    return keep_freed_memory()
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory (VmHWM; ru_maxrss would include the parent's from before exec)."""
-    with contextlib.suppress(OSError):
-        found = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(found[1]) / 1024 if found else None
-    return None
 
 
 def allocator_child(args: argparse.Namespace) -> int:
@@ -734,8 +588,8 @@ def allocator_child(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     preprocess = {"input_size": args.input_size} if args.input_size else {}
     spec = BackboneSpec(name=args.backbone, pretrained=not args.no_pretrained, precision=args.precision, preprocess=preprocess)
-    config = pipeline.resolve(spec, device)
-    tuned = tune_glibc_malloc() if args.allocator_child == "tuned" else False
+    config = extraction.resolve(spec, device)
+    tuned = embedpipe.keep_freed_memory() if args.allocator_child == "tuned" else False
     model = inference.prepare_model(load_backbone(spec.name, pretrained=spec.pretrained), device, RunConfig(device=device))
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, *config.preprocess.input_size), dtype=torch.uint8, generator=generator)
@@ -757,7 +611,8 @@ def allocator_child(args: argparse.Namespace) -> int:
                 "child_malloc_tuned": tuned,
                 "sys_seconds": after.ru_stime - before.ru_stime,
                 "minor_faults": after.ru_minflt - before.ru_minflt,
-                "max_rss_mb": peak_rss_mb(),
+                # VmHWM: ru_maxrss would include the parent's from before exec
+                "max_rss_mb": PeakMemory("cpu").read() / 2**20,
             }
         )
     )
@@ -770,26 +625,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pretrained", action="store_true", help="seeded random weights (quick runs, test_* models)")
     parser.add_argument("--input-size", type=int, default=None, help="override the input size (e.g. 64 for test models)")
     parser.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the dataset (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every variant (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: embedpipe's default for the device")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: embedpipe's default for the device)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="compute precision of every variant; auto resolves as embedpipe does (default: %(default)s)")
-    parser.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/extract-<machine>.json)")
     parser.add_argument("--workdir", default=None, help="where the dataset and caches go (default: a temporary folder)")
-    parser.add_argument("--max-contention", type=float, default=0.25, help="cores other processes may keep busy for a sample to count as clean (default: %(default)s)")
-    parser.add_argument("--max-wait", type=float, default=30.0, help="seconds in all to wait for other processes to go quiet before units (default: %(default)s)")
     parser.add_argument("--forward-images", type=int, default=128, help="images per sample of the pre-decoded forward variants (default: %(default)s)")
     parser.add_argument("--no-allocator", dest="allocator", action="store_false", help="skip the glibc malloc A/B (child processes)")
     parser.add_argument("--malloc-tuned", action="store_true", help="raise glibc's mmap/trim thresholds in this process first (the proposed fix)")
     parser.add_argument("--allocator-child", choices=("default", "tuned"), help=argparse.SUPPRESS)
+    add_sampling_options(parser, what="extract", max_wait=30.0)
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = inference.default_batch_size(resolve_device(args.device))
     if args.allocator_child:
         return allocator_child(args)
-    malloc_tuned = tune_glibc_malloc() if args.malloc_tuned else False
+    malloc_tuned = embedpipe.keep_freed_memory() if args.malloc_tuned else False  # what the embedpipe command does
 
     started = time.perf_counter()
     bench = Bench(args)
@@ -803,20 +655,14 @@ def main(argv: list[str] | None = None) -> int:
             "-malloc-tuned" if malloc_tuned else "",
         ]
     )
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"extract-{machine_slug(bench.info)}{suffix}.json"
+    out = results_path("extract", bench.info, out=args.out, suffix=suffix)
     with contextlib.ExitStack() as stack:
         workdir = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-extract-")))
         print(f"setting up {args.images} images in {workdir} ...", file=sys.stderr, flush=True)
         bench.setup(workdir)
         print(f"  setup {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         bench.run()
-    rows = summarize(bench)
-    total = time.perf_counter() - started
-    bench.diag("total_seconds", total, "s")
-    print_table(bench, rows, total)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(bench.records, indent=1, default=str) + "\n")
-    print(f"wrote {len(bench.records)} records to {out}", file=sys.stderr)
+    bench.finish(title(bench), HEADER, summarize(bench), started=started, out=out)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,16 +45,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, machine_info, machine_slug
+from _harness import machine_info, results_path, write_results
 
 STRATEGIES = ("linear_probe", "finetune_top", "finetune_all", "scratch")
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # --------------------------------------------------------------------------- data
@@ -91,10 +83,10 @@ def subset_manifest(manifest: Path, images: int, seed: int, fractions: tuple[flo
 
 def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
     import embedpipe
-    from embedpipe import BackboneSpec, RunConfig
-    from embedpipe.config import FineTuneConfig
-    from embedpipe.pipeline import fine_tune, fit_head
+    from embedpipe import BackboneSpec, FineTuneConfig, RunConfig
+    from embedpipe.machine import PeakMemory
 
+    memory = PeakMemory("cpu")  # read, never reset: this process's peak RSS since it started
     work = Path(args.workdir)
     preprocess = {"input_size": args.img_size}
     run = RunConfig(device=args.device, batch_size=64, num_workers=args.workers)
@@ -102,11 +94,11 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     if args.strategy == "linear_probe":
         exported = embedpipe.extract(args.manifest, pretrained, cache_dir=work / "cache", run=run)
-        fitted = fit_head(exported.path, "logreg", out=work / "probe")
+        fitted = embedpipe.fit_head(exported.path, "logreg", out=work / "probe")
         seconds = time.perf_counter() - started
         return {"accuracy": fitted.metrics["test"]["accuracy"], "balanced_accuracy": fitted.metrics["test"]["balanced_accuracy"],
                 "val_accuracy": fitted.metrics["val"]["accuracy"], "train_accuracy": fitted.metrics["train"]["accuracy"],
-                "wall_seconds": seconds, "peak_memory_bytes": peak_rss_bytes(), "C": fitted.chosen.get("C"),
+                "wall_seconds": seconds, "peak_memory_bytes": memory.read(), "C": fitted.chosen.get("C"),
                 "trainable_params": fitted.head.coef_.size + fitted.head.intercept_.size}
     common = dict(epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, augment=args.augment,
                   seed=args.seed, warmup=1.0, schedule="cosine")
@@ -121,14 +113,14 @@ def run_strategy(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"unknown strategy {args.strategy}")
     if init is not None and not (init / "head.json").is_file():
         raise RuntimeError("the linear probe did not save its head (its row has the error)")
-    result = fine_tune(args.manifest, spec, out=work / args.strategy, config=config, init_head=init,
-                       cache_dir=work / "cache", run=run)
+    result = embedpipe.fine_tune(args.manifest, spec, out=work / args.strategy, config=config, init_head=init,
+                                 cache_dir=work / "cache", run=run)
     seconds = time.perf_counter() - started
     summary = result.summary
     return {
         "accuracy": result.test["accuracy"], "balanced_accuracy": result.test["balanced_accuracy"],
         "val_accuracy": result.val.get("accuracy"), "initial_val_accuracy": summary["initial"]["val_acc"],
-        "wall_seconds": seconds, "train_seconds": result.seconds, "peak_memory_bytes": peak_rss_bytes(),
+        "wall_seconds": seconds, "train_seconds": result.seconds, "peak_memory_bytes": memory.read(),
         "phase_peak_memory_bytes": result.peak_memory_bytes, "best_epoch": result.best_epoch,
         "stopped_epoch": result.stopped_epoch, "stop_reason": result.stop_reason,
         "trainable_params": max(p["trainable_params"] for p in summary["phases"]),
@@ -174,7 +166,7 @@ def main() -> None:
         child(args)
         return
 
-    from embedpipe.backbone import resolve_device
+    from embedpipe.machine import resolve_device
 
     device = resolve_device(args.device)
     info = machine_info(device)
@@ -228,10 +220,7 @@ def main() -> None:
         print(f"| {r['strategy']} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r.get('accuracy_minus_probe', 0):+.3f} | "
               f"{r['wall_seconds']:.0f} | {r.get('time_vs_probe', float('nan')):.1f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
               f"{r.get('memory_vs_probe', float('nan')):.2f} | {epochs} |")
-    out = args.out or REPO / "benchmarks" / "results" / f"finetune-{machine_slug(info)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1, default=str))
-    print(f"\nwrote {out}")
+    write_results(results_path("finetune", info, out=args.out), records)
 
 
 if __name__ == "__main__":

@@ -63,25 +63,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import itertools
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from _common import REPO, ContentionMeter, machine_slug
-from _common import machine_info as _common_machine_info
+from _harness import REPO, Harness, Selection, add_sampling_options, med, results_path
+from _harness import machine_info as harness_machine_info
 
 import scipy  # noqa: E402
 import sklearn  # noqa: E402
@@ -93,8 +89,9 @@ from sklearn.preprocessing import StandardScaler  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from embedpipe.heads import KNNHead, LogisticProbe, MLPHead  # noqa: E402
-from embedpipe.heads.base import available_cores, resolve_device, stratified_split  # noqa: E402
+from embedpipe.heads.base import stratified_split  # noqa: E402
 from embedpipe.heads.logreg import _TorchLBFGS, c_grid, objective  # noqa: E402
+from embedpipe.machine import available_cores, resolve_device  # noqa: E402
 
 # Goals from the issue. Per fit: time ratio torch / plain scikit-learn, at equal objective and accuracy.
 FIT_RATIO_GOAL = {"cpu": 0.7, "cuda": 0.1}
@@ -114,9 +111,9 @@ NOISE_AT_512 = 6.5
 
 
 def machine_info(device: torch.device, threads: int) -> dict[str, Any]:
-    """The machine (``_common.machine_info``), the thread cap of every variant, and both BLAS libraries."""
+    """The machine (``_harness.machine_info``), the thread cap of every variant, and both BLAS libraries."""
     blas = sorted({f"{p['internal_api']} {p['version']}" for p in threadpool_info() if p["user_api"] == "blas"})
-    return _common_machine_info(
+    return harness_machine_info(
         str(device), threads=threads, sklearn=sklearn.__version__, scipy=scipy.__version__,
         numpy_blas=", ".join(blas), torch_blas="mkl" if torch.backends.mkl.is_available() else "other",
     )
@@ -176,66 +173,32 @@ def make_data(rows: int, features: int, classes: int, *, test_rows: int, noise: 
 # --------------------------------------------------------------------------- the benchmark
 
 
-class Bench:
+class Bench(Harness):
+    """The data of the size being measured; the harness holds the records (their ``common``: machine and size)."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = resolve_device(args.device)
+        self.device = torch.device(resolve_device(args.device))
         self.threads = args.threads or available_cores()
         self.info = machine_info(self.device, self.threads)
-        self.records: list[dict[str, Any]] = []
-        self.samples: dict[tuple[str, str, str], list[dict[str, Any] | None]] = {}
-        self.size_fields: dict[str, Any] = {}
-        self.waited = 0.0
+        super().__init__(self.info, max_contention=args.max_contention, max_wait=args.max_wait, retries=args.retries)
         self.data: Data | None = None
 
-    # ----------------------------------------------------------------- records
+    def sample(self, measurement: str, variant: str, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
+        """:meth:`Harness.sample`, with the scikit-learn ConvergenceWarnings the sample raised counted in it."""
 
-    def record(self, measurement: str, variant: str, **values: Any) -> dict[str, Any]:
-        row = {**self.info, **self.size_fields, "measurement": measurement, "variant": variant, "error": None, **values}
-        self.records.append(row)
-        return row
-
-    def try_run(self, measurement: str, variant: str, rep: int, fn: Callable[[], dict[str, Any]]) -> None:
-        """Run one sample; a failure becomes a record with its error and the benchmark goes on.
-
-        A sample that other processes disturbed runs again, up to ``--retries`` times, right
-        away (so it stays next to the variants it is compared with); every attempt is
-        recorded, the disturbed ones with ``superseded: true``.
-        """
-        key = (self.size_fields["size"], measurement, variant)
-        for attempt in range(1 + self.args.retries):
-            gc.collect()
-            self.wait_for_quiet()
-            meter = ContentionMeter()
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", ConvergenceWarning)
-                    values = fn()
-            except Exception as error:  # noqa: BLE001 - any failure is a result to record
-                self.record(measurement, variant, rep=rep, error=f"{type(error).__name__}: {error}")
-                traceback.print_exc()
-                self.samples.setdefault(key, []).append(None)
-                return
+        def counted() -> dict[str, Any]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                values = fn()
             values["convergence_warnings"] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-            values["other_cores_busy"] = busy = meter.other_cores_busy()
-            final = busy is None or busy <= self.args.max_contention or attempt == self.args.retries
-            row = self.record(measurement, variant, rep=rep, attempt=attempt, superseded=not final, **values)
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
-            where = f"{self.size_fields['size']} {measurement} {variant} rep {rep}"
-            print(f"  {where}: {shown}", file=sys.stderr, flush=True)
-            if final:
-                self.samples.setdefault(key, []).append(row)
-                return
+            return values
 
-    def wait_for_quiet(self) -> None:
-        """Before a sample, wait (within --max-wait seconds in all) for 2 s in a row of idle cores elsewhere."""
-        quiet = 0
-        while quiet < 2 and self.waited < self.args.max_wait:
-            meter = ContentionMeter()
-            time.sleep(1.0)
-            self.waited += 1.0
-            busy = meter.other_cores_busy()
-            quiet = quiet + 1 if busy is None or busy <= self.args.max_contention else 0
+        super().sample(measurement, variant, rep, counted)
+
+    def show(self, measurement: str, variant: str, rep: int, values: dict[str, Any]) -> None:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
+        print(f"  {self.common['size']} {measurement} {variant} rep {rep}: {shown}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------- logistic regression
 
@@ -435,21 +398,21 @@ class Bench:
         units: list[Callable[[], None]] = []
         if "fit" in parts:
             units += [
-                lambda: self.try_run("fit", "sklearn", rep, lambda: self.sklearn_fit(C)),
-                lambda: self.try_run("fit", "probe_torch", rep, lambda: self.probe_fit("torch", C)),
-                lambda: self.try_run("fit", "probe_sklearn", rep, lambda: self.probe_fit("sklearn", C)),
+                lambda: self.sample("fit", "sklearn", rep, lambda: self.sklearn_fit(C)),
+                lambda: self.sample("fit", "probe_torch", rep, lambda: self.probe_fit("torch", C)),
+                lambda: self.sample("fit", "probe_sklearn", rep, lambda: self.probe_fit("sklearn", C)),
             ]
         if "sweep" in parts:
             units += [
-                lambda: self.try_run("sweep", "sklearn", rep, self.sklearn_sweep),
-                lambda: self.try_run("sweep", "probe_torch", rep, lambda: self.probe_sweep("torch")),
-                lambda: self.try_run("sweep", "probe_sklearn", rep, lambda: self.probe_sweep("sklearn")),
+                lambda: self.sample("sweep", "sklearn", rep, self.sklearn_sweep),
+                lambda: self.sample("sweep", "probe_torch", rep, lambda: self.probe_sweep("torch")),
+                lambda: self.sample("sweep", "probe_sklearn", rep, lambda: self.probe_sweep("sklearn")),
             ]
         heads = {"mlp": ("MLPHead", MLPHead), "knn": ("KNNHead", KNNHead)}
         for part, (name, cls) in heads.items():
             if part in parts:
                 head = lambda cls=cls: cls(device=str(self.device), n_jobs=self.threads)  # noqa: E731
-                units.append(lambda p=part, n=name, h=head: self.try_run(p, n, rep, lambda: self.other_head(h())))
+                units.append(lambda p=part, n=name, h=head: self.sample(p, n, rep, lambda: self.other_head(h())))
         return units
 
     def diagnose(self, rep: int, *, light: bool) -> list[Callable[[], None]]:
@@ -460,7 +423,7 @@ class Bench:
         units: list[Callable[[], None]] = []
 
         def add(measurement: str, variant: str, fn: Callable[[], dict[str, Any]]) -> None:
-            units.append(lambda: self.try_run(measurement, variant, rep, fn))
+            units.append(lambda: self.sample(measurement, variant, rep, fn))
 
         if light:
             if rep == 0:
@@ -536,7 +499,8 @@ class Bench:
             large = rows * features >= LARGE_VALUES
             repeats = self.args.repeats
             heavy_repeats = min(repeats, self.args.large_repeats) if large else repeats
-            self.size_fields = {
+            self.common = {
+                **self.info,
                 "size": d.name,
                 "n_train": rows,
                 "n_test": len(d.y_test),
@@ -553,11 +517,10 @@ class Bench:
                 units = self.units(rep, heavy=rep < heavy_repeats)
                 if self.args.diagnose:
                     units += self.diagnose(rep, light=large)
-                for unit in units if rep % 2 == 0 else reversed(units):
-                    unit()
-            self.record("diagnostic", "size_seconds", value=time.perf_counter() - started, unit="s")
-        self.size_fields = {}
-        self.record("diagnostic", "waited_for_quiet_seconds", value=self.waited, unit="s")
+                self.run_interleaved(units, rep)
+            self.diag("size_seconds", time.perf_counter() - started, "s")
+        self.common = self.info
+        self.diag("waited_for_quiet_seconds", self.waited, "s")
 
 
 def _log_loss(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -566,34 +529,6 @@ def _log_loss(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- summary
-
-
-def med(values: Any) -> float | None:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(values) if values else None
-
-
-class Selection:
-    """The repetitions in which every one of some variants ran, preferring those no other process disturbed."""
-
-    def __init__(self, bench: Bench, size: str, measurement: str, *variants: str) -> None:
-        samples = [bench.samples.get((size, measurement, v), []) for v in variants]
-        complete = [dict(zip(variants, group)) for group in zip(*samples) if all(x is not None for x in group)]
-        clean = [
-            group for group in complete
-            if all((x.get("other_cores_busy") or 0.0) <= bench.args.max_contention for x in group.values())
-        ]
-        self.reps = clean or complete
-        self.clean, self.complete = len(clean), len(complete)
-
-    def median(self, fn: Callable[[dict[str, dict[str, Any]]], float | None]) -> float | None:
-        return med(fn(group) for group in self.reps)
-
-    def value(self, variant: str, key: str) -> float | None:
-        return med(group[variant].get(key) for group in self.reps)
-
-    def label(self) -> str:
-        return f"{self.clean}/{self.complete}"
 
 
 def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
@@ -621,7 +556,7 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
 
     for rows_n, features in sizes:
         size = f"{rows_n}x{features}"
-        fit = Selection(bench, size, "fit", "sklearn", "probe_torch", "probe_sklearn")
+        fit = bench.select("sklearn", "probe_torch", "probe_sklearn", size=size, measurement="fit")
         if fit.complete:
             goal = FIT_RATIO_GOAL[kind]
             ratio = fit.median(lambda g: g["probe_torch"]["seconds"] / g["sklearn"]["seconds"])
@@ -643,8 +578,8 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
                 passed=None if acc is None else abs(acc) <= ACCURACY_POINTS_TOL, sel=fit,
                 test_acc_sklearn=fit.value("sklearn", "test_acc"), test_acc_torch=fit.value("probe_torch", "test_acc"))
             # The stricter reading: scikit-learn at its fastest thread count and dtype (the --diagnose rows).
-            plain = [r for r in bench.records if r.get("size") == size and not r["error"] and not r.get("superseded")]
-            plain = [r for r in plain if (r["measurement"] == "fit" and r["variant"] == "sklearn")
+            plain = [r for r in bench.samples_where(size=size)
+                     if (r["measurement"] == "fit" and r["variant"] == "sklearn")
                      or (r["measurement"] == "diag_fit" and r["variant"].startswith("sklearn_"))]
             if any(r["measurement"] == "diag_fit" for r in plain):
                 by_variant: dict[str, list[float]] = {}
@@ -661,7 +596,7 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
                 name="fit_ratio_probe_sklearn", ratio=r, sel=fit)
             row(size, "  test acc sklearn / probe_torch",
                 " / ".join(pct(fit.value(v, "test_acc")) for v in ("sklearn", "probe_torch")))
-        sweep = Selection(bench, size, "sweep", "sklearn", "probe_torch", "probe_sklearn")
+        sweep = bench.select("sklearn", "probe_torch", "probe_sklearn", size=size, measurement="sweep")
         if sweep.complete:
             truncated = any(g["sklearn"].get("truncated") for g in sweep.reps)
             n_cs = sweep.value("sklearn", "n_Cs")
@@ -694,7 +629,7 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
                 passed=None if acc is None or truncated else abs(acc) <= ACCURACY_POINTS_TOL)
         ref = sweep.value("probe_torch", "seconds") if sweep.complete else None
         for measurement, variant in (("mlp", "MLPHead"), ("knn", "KNNHead")):
-            sel = Selection(bench, size, measurement, variant)
+            sel = bench.select(variant, size=size, measurement=measurement)
             if not sel.complete:
                 continue
             if measurement == "mlp":
@@ -705,7 +640,7 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
             row(size, f"{variant} fit + predict (acc {pct(sel.value(variant, 'test_acc'))}{extra}) / torch sweep",
                 f"{secs(sel.value(variant, 'fit_seconds'))} + {secs(sel.value(variant, 'predict_seconds'))}",
                 name=f"{measurement}_seconds_vs_torch_sweep", ratio=r, sel=sel, test_acc=sel.value(variant, "test_acc"))
-        final = [r for r in bench.records if r.get("size") == size and not r["error"] and not r.get("superseded")]
+        final = bench.samples_where(size=size)
         for r in final:
             if r["measurement"] == "diag_fresh":
                 row(size, f"diag {r['variant']}: first - second fit (import {r['import_seconds']:.1f} s)",
@@ -724,41 +659,18 @@ def summarize(bench: Bench, sizes: list[tuple[int, int]]) -> list[list[str]]:
     return rows
 
 
-def print_table(bench: Bench, rows: list[list[str]], total: float) -> str:
+HEADER = ["size", "measurement", "value", "ratio", "goal", "result", "clean reps"]
+
+
+def title(bench: Bench) -> list[str]:
     info = bench.info
-    lines = [
+    return [
         f"embedpipe heads benchmark: {bench.args.classes} classes, tol {bench.args.tol:g}, medians over repetitions",
         f"machine: {info['cpu']}, {info['cores']} cores{', ' + info['gpu'] if info['gpu'] else ''}; "
         f"device {info['device']}, "
         f"{bench.threads} threads; torch {info['torch']} ({info['torch_blas']}), scikit-learn {info['sklearn']}, "
         f"numpy {info['numpy']} ({info['numpy_blas']})",
-        "",
     ]
-    header = ["size", "measurement", "value", "ratio", "goal", "result", "clean reps"]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt_row(r: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-
-    lines.append(fmt_row(header))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend(fmt_row(r) for r in rows)
-    final = [r for r in bench.records if not r.get("superseded")]
-    busy = [r["other_cores_busy"] for r in final if r.get("other_cores_busy") is not None]
-    retried = sum(bool(r.get("superseded")) for r in bench.records)
-    if busy:
-        lines.append(
-            f"\nother processes kept {statistics.median(busy):.2f} cores busy during the median sample "
-            f"(max {max(busy):.2f})" + ("; rerun on a quiet machine" if statistics.median(busy) > 0.1 else "")
-            + (f"; {retried} disturbed samples were run again (records with superseded: true)" if retried else "")
-        )
-    errors = [r for r in bench.records if r.get("error")]
-    if errors:
-        lines.append(f"\n{len(errors)} failed samples, e.g. {errors[0]['variant']}: {errors[0]['error']}")
-    lines.append(f"\ntotal runtime {total:.0f} s")
-    text = "\n".join(lines)
-    print(text)
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,7 +684,6 @@ def main(argv: list[str] | None = None) -> int:
     add("--test-rows", type=int, default=10_000, help="rows of the separate test set (default: %(default)s)")
     add("--noise", type=float, default=None,
         help=f"noise std (default: {NOISE_AT_512} * sqrt(features / 512): about 60%% test accuracy)")
-    add("--repeats", type=int, default=3, help="interleaved repetitions (default: %(default)s)")
     add("--large-repeats", type=int, default=1,
         help=f"repetitions of the sweeps, MLP and kNN at sizes of {LARGE_VALUES:.2g}+ training values; "
         "the single fits still run --repeats times (default: %(default)s)")
@@ -787,11 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--parts", default="fit,sweep,mlp,knn", help="what to measure (default: %(default)s)")
     add("--diagnose", action="store_true",
         help="add where-the-time-goes rows at sizes below the large ones (threads, dtype, per-evaluation cost)")
-    add("--out", default=None, help="results JSON (default: benchmarks/results/heads-<machine>.json)")
-    add("--max-contention", type=float, default=0.25,
-        help="cores other processes may keep busy for a sample to count as clean (default: %(default)s)")
-    add("--max-wait", type=float, default=300.0,
-        help="seconds in all to wait for other processes to go quiet (default: %(default)s)")
+    add_sampling_options(parser, what="heads", max_wait=300.0)
     add("--retries", type=int, default=1,
         help="times a sample that other processes disturbed runs again (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -800,15 +707,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     bench = Bench(args)
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"heads-{machine_slug(bench.info)}.json"
+    out = results_path("heads", bench.info, out=args.out)
     bench.run(sizes)
-    rows = summarize(bench, sizes)
-    total = time.perf_counter() - started
-    bench.record("diagnostic", "total_seconds", value=total, unit="s")
-    print_table(bench, rows, total)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(bench.records, indent=1, default=str) + "\n")
-    print(f"wrote {len(bench.records)} records to {out}", file=sys.stderr)
+    bench.finish(title(bench), HEADER, summarize(bench, sizes), started=started, out=out)
     return 0
 
 

@@ -40,8 +40,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, machine_info, machine_slug
-from bench_extract import photo
+from _harness import PHOTO_QUALITY, PHOTO_SIZE, REPO, machine_info, photo, results_path, write_results
 
 GOAL_MEMORY_FLAT = 1.10  # peak RSS of the largest dataset over the smallest's
 
@@ -51,7 +50,7 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     have = len(list(folder.glob("*.jpg")))
     for i in range(have, count):
-        photo(i, size).save(folder / f"img_{i:07d}.jpg", quality=90)
+        photo(i, size).save(folder / f"img_{i:07d}.jpg", quality=PHOTO_QUALITY)
     return folder
 
 
@@ -86,10 +85,9 @@ def decode_pil(paths: list[Path], args: argparse.Namespace) -> float:
     """Images/s of embedpipe's own decode + resize + crop (PIL) in its default DataLoader workers."""
     import torch
 
-    from embedpipe import inference
-    from embedpipe.backbone import resolve_device
-    from embedpipe.pipeline import resolve
-    from embedpipe.config import BackboneSpec
+    from embedpipe import BackboneSpec, inference
+    from embedpipe.extraction import resolve
+    from embedpipe.machine import resolve_device
 
     device = resolve_device(args.device)
     preprocess = {"input_size": args.img_size} if args.img_size else {}
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = set(args.parts.split(","))
     if "scaling" in parts:
-        data = make_photos(workdir / f"photos-{args.images}", args.images, (500, 375))
+        data = make_photos(workdir / f"photos-{args.images}", args.images, PHOTO_SIZE)
         procs = sorted({1, *[2**i for i in range(1, 8) if 2**i <= max_procs], max_procs})
         base = None
         for n in procs:
@@ -207,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                          "pass" if ratio <= GOAL_MEMORY_FLAT else "MISS"))
 
     if "decode" in parts:
-        data = make_photos(workdir / f"photos-{args.images}", args.images, (500, 375))
+        data = make_photos(workdir / f"photos-{args.images}", args.images, PHOTO_SIZE)
         for name, fn in (("pil_workers", decode_pil), ("gpu_decode_jpeg", decode_gpu)):
             try:
                 ips = fn(sorted(data.glob("*.jpg")), args)
@@ -218,15 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             record(measurement="decode", variant=name, error=None, images_per_second=ips)
             rows.append((f"decode only, {name}", f"{ips:.0f} img/s", ""))
 
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"scale-{machine_slug(info)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records, indent=1))
+    write_results(results_path("scale", info, out=args.out), records)
     where = f"{info['gpu'] or info['cpu']}, {cores} cores, torch {info['torch']}, {args.backbone} at {args.img_size or 'default'} px"
     print(f"\nembedpipe scale-out ({where})\n")
     width = max(len(r[0]) for r in rows) if rows else 10
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
-    print(f"\nrecords: {out}")
     return 0
 
 
