@@ -21,13 +21,12 @@ from urllib.parse import urlparse
 from ._compat import ensure_torchvision_importable
 from .config import DEFAULT_BACKBONE, OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, sha256_file
 from .errors import BackboneError, WeightsError
-from .machine import cpu_has_native_bf16
+from .machine import PRECISIONS
 from .preprocess import resolve_preprocess
 
 logger = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0  # random weights are seeded, so random-weight caches are reusable too
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("float16", "float32")
 
 
@@ -106,24 +105,6 @@ def _create_from_hub(name: str) -> Any:
         hub_logger.setLevel(level)
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: bf16 on CUDA cards that support it (fp16 on older ones) and on CPUs with native
-    bf16 (AVX512-BF16/AMX: 1.9x faster than fp32 for tf_efficientnet_lite0, embeddings at cosine
-    >= 0.997 of fp32, see benchmarks/README.md); fp32 elsewhere, where bf16 is emulated and slow.
-    """
-    if precision not in PRECISIONS:
-        raise BackboneError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.startswith("cuda"):
-        import torch
-
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
-
-
 def _validate_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
     if not outputs:
         raise BackboneError("no outputs asked for: pass --output embedding (the default), logits or stageN")
@@ -184,6 +165,21 @@ def resolve_embedding_config(
         precision=precision,
         dtype=dtype,
     )
+
+
+def weights_file(name: str, *, weights: str | Path | None = None, pretrained: bool = True) -> Path | None:
+    """The file whose bytes name a backbone's weights (``--weights``, or the offline package's), or None.
+
+    None for random weights and for hub weights, which timm names by tag.
+    """
+    if weights is not None:
+        return Path(weights).expanduser()
+    arch, tag = split_name(name)
+    if not pretrained or not _ships_offline(arch, tag):
+        return None
+    from .weights import offline_weights_file
+
+    return offline_weights_file(arch)
 
 
 def load_backbone(

@@ -11,6 +11,7 @@ the export (:mod:`embedpipe.distributed`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,12 +22,16 @@ import numpy as np
 
 from ._progress import ProgressFactory, no_progress
 from .cache import COMPACT_SHARDS, ExportMeta, ExportRequest, FileIndex, Store, export_name, read_attrs, read_export, write_export
-from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, digest_of
+from .cache.index import stat_files
+from .cache.layout import DIGEST_DTYPE
+from .cache.listing import Listings, Snapshot, is_hit, pack_strings, unchanged_rows
+from .cache.resolved import ResolvedConfigs
+from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, load_dataset
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
-from .machine import resolve_device
+from .machine import resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -59,34 +64,44 @@ def as_spec(backbone: str | BackboneSpec) -> BackboneSpec:
     return BackboneSpec(name=backbone) if isinstance(backbone, str) else backbone
 
 
-def resolve(backbone: str | BackboneSpec, device: str) -> EmbeddingConfig:
-    """The embedding config a backbone spec gives on a device (no network built)."""
-    from .backbone import resolve_embedding_config, resolve_precision
+def resolve(backbone: str | BackboneSpec, device: str, *, cache_dir: str | Path | None = None) -> EmbeddingConfig:
+    """The embedding config a backbone spec gives on a device (no network built).
 
+    Args:
+        cache_dir: remember the result there (:mod:`embedpipe.cache.resolved`), so the next call with
+            the same spec, versions and weights file answers without importing torch or timm.
+    """
     spec = as_spec(backbone)
+    precision = resolve_precision(spec.precision, device)
+    memo = ResolvedConfigs(cache_dir) if cache_dir is not None else None
+    if memo is not None and (known := memo.get(spec, precision)) is not None:
+        return known
+    from .backbone import resolve_embedding_config, weights_file
+
     outputs = tuple(dict.fromkeys((OUTPUT_EMBEDDING, *spec.outputs)))  # the embedding is always stored
-    return resolve_embedding_config(
-        spec.name,
-        weights=spec.weights,
-        pretrained=spec.pretrained,
-        preprocess=spec.preprocess,
-        outputs=outputs,
-        precision=resolve_precision(spec.precision, device),
-        dtype=spec.dtype,
-    )
+    config = resolve_embedding_config(spec.name, weights=spec.weights, pretrained=spec.pretrained, preprocess=spec.preprocess,
+                                      outputs=outputs, precision=precision, dtype=spec.dtype)
+    if memo is not None:
+        file = weights_file(spec.name, weights=spec.weights, pretrained=spec.pretrained)
+        memo.put(spec, precision, config, [file] if file is not None else [])
+    return config
 
 
-def dataset_fingerprint(dataset: Dataset, digests: list[str], config: EmbeddingConfig) -> str:
-    """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config."""
-    return digest_of(
-        {
-            "key": config.key(),
-            "rows": [[r.relpath, r.label, r.split, d] for r, d in zip(dataset.records, digests)],
-            "classes": list(dataset.class_names),
-            "layout": dataset.layout,
-            "split": dataset.split_config.to_dict() if dataset.split_config else None,
-        }
-    )
+def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: EmbeddingConfig) -> str:
+    """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config.
+
+    Args:
+        digests: ``S64`` (N,) hex sha256 of each image, in dataset order.
+    """
+    digest = hashlib.sha256(canonical_json({
+        "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
+        "split": dataset.split_config.to_dict() if dataset.split_config else None,
+    }).encode())
+    blob, offsets = pack_strings(list(dataset.relpaths))
+    for column in (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
+                   np.asarray(digests, dtype=DIGEST_DTYPE)):
+        digest.update(np.ascontiguousarray(column).tobytes())
+    return digest.hexdigest()
 
 
 def ensure_folder(folder: Path) -> Path:
@@ -133,17 +148,25 @@ def extract(
     dataset = load_dataset(source, split=split)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
-    config = resolve(spec, device)
-    ensure_folder(cache_dir)
+    config = resolve(spec, device, cache_dir=ensure_folder(cache_dir))
+    listings = Listings(cache_dir)
+    listing_key = Listings.key(str(dataset.root), dataset.split_config.to_dict() if dataset.split_config else None, config.key())
+    packed = pack_strings(list(dataset.relpaths))
+    paths = dataset.paths
+    taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
+    stats = stat_files(paths)
+    snapshot = listings.read(listing_key)
+    if snapshot is not None and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
+        # Every file is as it was when this export was made: answered from one stat per file.
+        _raise_on_failures(run, snapshot.errors)
+        return _result(cache_dir / snapshot.export, dataset, config, device, started, cache_hit=True, failed=snapshot.errors,
+                       dims=snapshot.dims)
 
     with join_ranks(device) as ranks:
         device = rank_device(device, ranks)
         if not ranks.is_main:  # one progress bar and one report, from rank 0
             progress = no_progress
-        paths = [r.path for r in dataset.records]
-        with progress("hashing", len(dataset)) as advance:
-            mine = FileIndex(cache_dir).digests(ranks.share(paths), progress=advance)
-        digests = ranks.unshare(ranks.gather(mine), len(paths))
+        digests = _digests(FileIndex(cache_dir), paths, stats, snapshot, packed, ranks, progress)
         fingerprint = dataset_fingerprint(dataset, digests, config)
         path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
         attrs = read_attrs(path)
@@ -157,23 +180,41 @@ def extract(
     failed = read_export(path, outputs=[]).errors
     if cache_hit:
         _raise_on_failures(run, failed)
-    return ExtractResult(
-        path=path,
-        cache_hit=cache_hit,
-        num_images=len(dataset) - len(failed),
-        computed=computed,
-        reused=len(dataset) - len(failed) - computed,
-        failed=failed,
-        dims=dict((attrs if cache_hit else read_attrs(path) or {}).get("dims", {})),
-        backbone=config.backbone,
-        cache_key=config.key(),
-        device=device,
-        seconds=time.perf_counter() - started,
-        images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None,
-    )
+    dims = dict((read_attrs(path) or {}).get("dims", {}))
+    if ranks.is_main:
+        listings.write(listing_key, relpaths_packed=packed, labels=dataset.labels, split_codes=dataset.split_codes, stats=stats,
+                       digests=digests, taken_ns=taken_ns, export=path, dims=dims, errors=failed)
+    return _result(path, dataset, config, device, started, cache_hit=cache_hit, failed=failed, dims=dims, computed=computed,
+                   images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None)
 
 
-def _fill_and_export(path: Path, dataset: Dataset, digests: list[str], meta: ExportMeta, spec: BackboneSpec, device: str,
+def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, started: float, *, cache_hit: bool,
+            failed: list[tuple[str, str]], dims: dict[str, int], computed: int = 0,
+            images_per_second: float | None = None) -> ExtractResult:
+    return ExtractResult(path=path, cache_hit=cache_hit, num_images=len(dataset) - len(failed), computed=computed,
+                         reused=len(dataset) - len(failed) - computed, failed=failed, dims=dims, backbone=config.backbone,
+                         cache_key=config.key(), device=device, seconds=time.perf_counter() - started,
+                         images_per_second=images_per_second)
+
+
+def _digests(index: FileIndex, paths: list[str], stats: np.ndarray, snapshot: Snapshot | None,
+             packed: tuple[np.ndarray, np.ndarray], ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
+    """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
+    digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
+    todo = np.arange(len(paths))
+    if snapshot is not None:
+        source = unchanged_rows(snapshot, packed, stats)
+        kept = source >= 0
+        digests[kept] = snapshot.digests[source[kept]]
+        todo = np.flatnonzero(~kept)
+    mine = ranks.share(todo.tolist())
+    with progress("hashing", len(todo)) as advance:
+        hashed = index.digests([paths[i] for i in mine], stats=stats[mine], progress=advance)
+    digests[todo] = ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
+    return digests
+
+
+def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: ExportMeta, spec: BackboneSpec, device: str,
                      run: RunConfig, ranks: Ranks, progress: ProgressFactory) -> tuple[int, float]:
     """Embed what the store lacks (each rank its share), then write the export from rank 0.
 
@@ -187,24 +228,20 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: list[str], meta: Exp
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
         index = store.index()
         ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
-        keys = [d.encode() for d in digests]  # the store's row keys
-        todo: dict[bytes, Path] = {}
-        for record, key in zip(dataset.records, keys):
+        keys: list[bytes] = digests.tolist()  # the store's row keys
+        todo: dict[bytes, str] = {}
+        for image, key in zip(dataset.paths, keys):
             if key not in index and key not in todo:
-                todo[key] = record.path
-        _raise_on_failures(run, [(r.relpath, index.errors[k]) for r, k in zip(dataset.records, keys) if k in index.errors])
+                todo[key] = image
+        _raise_on_failures(run, [(relpath, index.errors[k]) for relpath, k in zip(dataset.relpaths, keys) if k in index.errors])
         own = _compute(store, dict(ranks.share(list(todo.items()))), spec, device, run, progress, own_shards=ranks.world > 1)
         timings = ranks.gather(own)  # also waits for every rank's last shard
         if ranks.is_main:
             if ranks.world > 1:
                 store.compact()
-            request = ExportRequest(
-                paths=[r.relpath for r in dataset.records],
-                labels=np.array([r.label for r in dataset.records], dtype=np.int64),
-                split=[r.split or "" for r in dataset.records] if dataset.has_split else None,
-                digests=keys,
-                meta=meta,
-            )
+            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels,
+                                    split=[name or "" for name in dataset.splits] if dataset.has_split else None,
+                                    digests=keys, meta=meta)
             write_export(path, store, store.index(), request)
         ranks.barrier()  # the export is complete before any rank reports it
     return sum(t[1] for t in timings), max(t[0] for t in timings)
@@ -218,7 +255,7 @@ def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
 
 def _compute(
     store: Store,
-    todo: dict[bytes, Path],
+    todo: dict[bytes, str],
     spec: BackboneSpec,
     device: str,
     run: RunConfig,

@@ -12,6 +12,7 @@ import platform
 import re
 import resource
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .errors import BackboneError
 # What decides the numbers of an embedding, a head or a run (read from package metadata: nothing is imported).
 VERSIONED_PACKAGES = ("torch", "timm", "h5py", "numpy", "pillow", "scikit-learn")
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CUDA_PEAK = "cuda_max_allocated"  # bytes torch's CUDA allocator held at its peak
 RSS_PEAK = "peak_rss"  # the process's peak resident set size (Linux VmHWM, reset at the start of the block)
 
@@ -32,6 +34,10 @@ def resolve_device(device: str) -> str:
     Raises:
         BackboneError: an unknown device, or CUDA asked for where torch sees no GPU.
     """
+    if device == "cpu":
+        return device
+    if device == "auto" and not _may_have_gpu():
+        return "cpu"  # decided without importing torch (seconds), so a cache hit need not
     import torch
 
     if device == "auto":
@@ -47,6 +53,13 @@ def resolve_device(device: str) -> str:
     if kind == "cuda" and not torch.cuda.is_available():
         raise BackboneError(f"device {device!r} asked for but CUDA is not available: pass --device cpu or auto")
     return device
+
+
+def _may_have_gpu() -> bool:
+    """False only where torch certainly sees no GPU: Linux without an NVIDIA or AMD driver's device nodes."""
+    if not sys.platform.startswith("linux"):
+        return True  # macOS has MPS; elsewhere ask torch
+    return any(os.path.exists(node) for node in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg"))
 
 
 def available_cores() -> int:
@@ -70,6 +83,24 @@ def cpu_flags() -> set[str]:
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 on CUDA cards that support it (fp16 on older ones) and on CPUs with native
+    bf16 (AVX512-BF16/AMX: 1.9x faster than fp32 for tf_efficientnet_lite0, embeddings at cosine
+    >= 0.997 of fp32, see benchmarks/README.md); fp32 elsewhere, where bf16 is emulated and slow.
+    """
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
 
 
 def versions() -> dict[str, str]:

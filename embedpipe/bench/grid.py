@@ -176,7 +176,7 @@ def bench(
     for spec in specs:
         cells = [(kind, {**(head_params or {}).get(kind, {})}, budget, seed) for kind in heads for budget in budgets
                  for seed in seed_list]
-        grid.backbone(spec, [(*cell, grid.key(spec, *cell)) for cell in cells], sample=[r.path for r in dataset.records[:THROUGHPUT_SAMPLE]])
+        grid.backbone(spec, [(*cell, grid.key(spec, *cell)) for cell in cells], sample=dataset.paths[:THROUGHPUT_SAMPLE])
     if baseline == SCRATCH:
         for spec in specs:
             grid.records += _scratch_records(source, spec, shots=budgets, seeds=seed_list, out=out, split=split, run=run,

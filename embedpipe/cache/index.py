@@ -1,26 +1,61 @@
-"""The file index: each image file's content hash, remembered by stat so unchanged files are not re-read."""
+"""The file index: each image file's content hash, remembered by stat so unchanged files are not re-read.
+
+A file's hash is trusted while its stat key (size, mtime and ctime in nanoseconds, inode) is what it
+was when it was hashed, as git's index does. ctime cannot be set back by ``touch -d``, ``cp -p`` or
+``rsync -t``, so an in-place rewrite that restores the mtime is still seen. An entry whose mtime or
+ctime is not safely older than the moment it was hashed is "racily clean" (the file may have
+changed within the same timestamp tick) and is hashed again.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from ..config import sha256_file
 from ..errors import CacheError
-from .layout import INDEX_FILE
+from .layout import DIGEST_DTYPE, INDEX_FILE
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-_HASH_SLICE = 2048  # files stat'ed, hashed and saved to the index at a time (bounded memory)
+_HASH_SLICE = 2048  # files looked up, hashed and saved to the index at a time (bounded memory)
+# Timestamps within this much of the hash are not trusted: FAT and some network filesystems keep
+# mtimes to 2 s, so a change within that window after hashing may leave every stat field equal.
+RACY_NS = 2_000_000_000
+STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
+
+
+def stat_files(paths: Sequence[str]) -> np.ndarray:
+    """The stat key of each file: int64 ``(N, 4)`` of size, mtime_ns, ctime_ns, inode.
+
+    Raises:
+        CacheError: a file is missing or unreadable, named in the message.
+    """
+    stats = np.empty((len(paths), 4), dtype=np.int64)
+    for row, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError as error:
+            raise CacheError(f"cannot read {path} ({error.strerror}): check it exists and is readable") from None
+        stats[row] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return stats
+
+
+def trusted(stats: np.ndarray, hashed_ns: np.ndarray | int) -> np.ndarray:
+    """Which stat keys are safely older than the moment their file was hashed (not racily clean)."""
+    return np.maximum(stats[:, 1], stats[:, 2]) < np.asarray(hashed_ns) - RACY_NS
 
 
 class FileIndex:
-    """Remembers each file's content hash under its (size, mtime_ns, inode), in SQLite."""
+    """Remembers each file's content hash under its stat key, in SQLite (``files.sqlite``)."""
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.path = Path(cache_dir) / INDEX_FILE
@@ -29,80 +64,81 @@ class FileIndex:
         try:
             connection = sqlite3.connect(self.path, timeout=120)
             connection.execute(
-                "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
-                "mtime_ns INTEGER, inode INTEGER, digest TEXT)"
+                "CREATE TABLE IF NOT EXISTS stats (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                "ctime_ns INTEGER, inode INTEGER, hashed_ns INTEGER, digest TEXT)"
             )
         except sqlite3.DatabaseError as error:
             raise CacheError(f"file index {self.path} is unreadable ({error}): delete it; it is rebuilt by hashing") from None
         return connection
 
-    def digests(self, paths: Sequence[Path], *, threads: int = 4, progress: Progress | None = None) -> list[str]:
-        """sha256 of each file's bytes; only new or changed files are read.
+    def digests(self, paths: Sequence[str | os.PathLike[str]], *, stats: np.ndarray | None = None, threads: int = 4,
+                progress: Progress | None = None) -> np.ndarray:
+        """Hex sha256 of each file's bytes, ``S64`` ``(N,)``; only new, changed or racily clean files are read.
 
-        Files go through in slices (stat, look up, hash the stale ones, save), so memory holds
-        one slice's bookkeeping, not the whole dataset's, and a killed scan keeps what it hashed.
+        Args:
+            paths: the files.
+            stats: their stat keys when the caller has them (:func:`stat_files`), else they are taken here.
+
+        Files go through in slices (look up, hash the stale ones, save), so memory holds one slice's
+        bookkeeping, not the whole dataset's, and a killed scan keeps what it hashed.
 
         Raises:
-            CacheError: a file vanished while scanning, or the index cannot be written.
+            CacheError: a file vanished while scanning, or the index cannot be read or written.
         """
-        result: list[str] = []
+        paths = [os.fspath(p) for p in paths]
+        stats = stat_files(paths) if stats is None else stats
+        result = np.empty(len(paths), dtype=DIGEST_DTYPE)
         connection = self._connect()
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 for start in range(0, len(paths), _HASH_SLICE):
-                    result.extend(self._slice_digests(connection, pool, paths[start : start + _HASH_SLICE], progress))
+                    end = start + _HASH_SLICE
+                    result[start:end] = self._slice_digests(connection, pool, paths[start:end], stats[start:end], progress)
         except OSError as error:
             raise CacheError(f"cannot read {error.filename} ({error.strerror}): check it exists and is readable") from None
+        except sqlite3.DatabaseError as error:
+            raise CacheError(f"file index {self.path} is unreadable ({error}): delete it; it is rebuilt by hashing") from None
         finally:
             connection.close()
         return result
 
-    def _slice_digests(
-        self, connection: sqlite3.Connection, pool: ThreadPoolExecutor, paths: Sequence[Path], progress: Progress | None
-    ) -> list[str]:
-        stats = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError as error:
-                raise CacheError(f"cannot read {path} ({error.strerror}): check it exists and is readable") from None
-            stats.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
-        known: dict[str, tuple[int, int, int, str]] = {}
-        keys = [s[0] for s in stats]
-        for start in range(0, len(keys), 900):  # SQLite caps bound parameters
-            chunk = keys[start : start + 900]
-            query = f"SELECT path, size, mtime_ns, inode, digest FROM files WHERE path IN ({','.join('?' * len(chunk))})"
-            for path, size, mtime, inode, digest in connection.execute(query, chunk):
-                known[path] = (size, mtime, inode, digest)
+    def _slice_digests(self, connection: sqlite3.Connection, pool: ThreadPoolExecutor, paths: list[str], stats: np.ndarray,
+                       progress: Progress | None) -> list[str]:
+        known: dict[str, tuple[int, int, int, int, int, str]] = {}
+        for start in range(0, len(paths), 900):  # SQLite caps bound parameters
+            chunk = paths[start : start + 900]
+            query = ("SELECT path, size, mtime_ns, ctime_ns, inode, hashed_ns, digest FROM stats "
+                     f"WHERE path IN ({','.join('?' * len(chunk))})")
+            for path, *entry in connection.execute(query, chunk):
+                known[path] = tuple(entry)
+        keys = stats.tolist()
         result: list[str | None] = []
         stale: list[int] = []
-        for i, (path, size, mtime, inode) in enumerate(stats):
+        for i, (path, key) in enumerate(zip(paths, keys)):
             entry = known.get(path)
-            if entry is not None and entry[:3] == (size, mtime, inode):
-                result.append(entry[3])
+            if entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS:
+                result.append(entry[5])
             else:
                 result.append(None)
                 stale.append(i)
-        if progress and len(stats) > len(stale):
-            progress(len(stats) - len(stale))
+        if progress and len(paths) > len(stale):
+            progress(len(paths) - len(stale))
         if stale:
-            logger.debug("hashing %d new or changed files", len(stale))
-        batch = []
-        for i, digest in zip(stale, pool.map(lambda i: sha256_file(Path(stats[i][0])), stale)):
+            logger.debug("hashing %d new, changed or racily clean files", len(stale))
+        rows = []
+        for i, digest in zip(stale, pool.map(lambda i: sha256_file(paths[i]), stale)):
             result[i] = digest
-            batch.append((*stats[i], digest))
+            rows.append((paths[i], *keys[i], time.time_ns(), digest))
             if progress:
                 progress(1)
-        self._save(connection, batch)
-        return [d for d in result if d is not None]
+        self._save(connection, rows)
+        return result  # type: ignore[return-value]
 
-    def _save(self, connection: sqlite3.Connection, rows: list[tuple[str, int, int, int, str]]) -> None:
+    def _save(self, connection: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
         if not rows:
             return
         try:
             with connection:
-                connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", rows)
+                connection.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as error:
             raise CacheError(f"cannot update {self.path} ({error}): free disk space or check permissions") from None
-
-

@@ -1,0 +1,165 @@
+"""Listing snapshots: what a dataset looked like when it was last exported, so a rerun costs what a stat costs.
+
+After every extraction the cache keeps, per (dataset, embedding config), the dataset's rows (relative
+paths, labels, split codes), each file's stat key and content digest, and the export they made. A
+rerun lists and stats the files and compares: when every row, label and stat key is the same, and no
+timestamp is racily close to when the snapshot was taken, the export is up to date and nothing is
+hashed, imported or opened. Rows whose stat key still matches lend their digest to the next run, so
+adding 1% new images hashes 1% of the files.
+
+A snapshot is one ``.npz`` of plain arrays (read with ``allow_pickle=False``: it cannot run code),
+with a sha256 over its arrays; a damaged or foreign one is ignored and rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._atomic import write_atomically
+from ..config import CACHE_FORMAT, canonical_json, digest_of
+from .index import trusted
+from .layout import DIGEST_DTYPE
+
+LISTING_DIR = "listings"
+SNAPSHOT_FORMAT = 1
+_ARRAYS = ("paths_blob", "paths_offsets", "labels", "split_codes", "stats", "digests", "export_stat", "errors_blob",
+           "errors_offsets", "meta")
+
+
+def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 buffer and int64 end offsets (Arrow's layout): no object per string on disk."""
+    encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+    offsets = np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)))
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
+    data = blob.tobytes()
+    starts = [0, *offsets[:-1].tolist()]
+    return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(starts, offsets.tolist())]
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in _ARRAYS:
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Snapshot:
+    """A dataset's rows and files as they were exported (all arrays in dataset order)."""
+
+    paths_blob: np.ndarray  # relative paths, packed (:func:`pack_strings`): compared as bytes for a hit
+    paths_offsets: np.ndarray
+    labels: np.ndarray  # int64 (N,)
+    split_codes: np.ndarray  # int8 (N,)
+    stats: np.ndarray  # int64 (N, 4): size, mtime_ns, ctime_ns, inode
+    digests: np.ndarray  # S64 (N,)
+    taken_ns: int  # when the files were hashed: newer timestamps are racily clean
+    export: str  # file name of the export, in the cache folder
+    export_stat: np.ndarray  # int64 (4,): the export's stat key when it was written
+    dims: dict[str, int]
+    errors: list[tuple[str, str]]  # the export's ledger: (relative path, reason)
+
+
+class Listings:
+    """The snapshots of one cache folder (``cache/listings/<key>.npz``)."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.folder = Path(cache_dir) / LISTING_DIR
+
+    @staticmethod
+    def key(source: str, split: dict[str, object] | None, config_key: str) -> str:
+        """Which snapshot a dataset and embedding config use: its source path, split settings and config key."""
+        return digest_of({"format": SNAPSHOT_FORMAT, "cache": CACHE_FORMAT, "source": source, "split": split, "config": config_key})
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key[:32]}.npz"
+
+    def read(self, key: str) -> Snapshot | None:
+        """The snapshot under ``key``; None when there is none, or it is damaged or of another format."""
+        try:
+            with np.load(self.path(key), allow_pickle=False) as stored:
+                arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            return None
+        if arrays["checksum"].tobytes().decode("ascii", "replace") != _checksum(arrays):
+            return None
+        try:
+            meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
+            if meta["format"] != SNAPSHOT_FORMAT or meta["key"] != key:
+                return None
+            errors = unpack_strings(arrays["errors_blob"], arrays["errors_offsets"])
+            return Snapshot(paths_blob=arrays["paths_blob"], paths_offsets=arrays["paths_offsets"],
+                            labels=arrays["labels"], split_codes=arrays["split_codes"], stats=arrays["stats"],
+                            digests=arrays["digests"].astype(DIGEST_DTYPE), taken_ns=int(meta["taken_ns"]),
+                            export=str(meta["export"]), export_stat=arrays["export_stat"],
+                            dims={str(k): int(v) for k, v in meta["dims"].items()}, errors=list(zip(errors[0::2], errors[1::2])))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def write(self, key: str, *, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
+              stats: np.ndarray, digests: np.ndarray, taken_ns: int, export: Path, dims: dict[str, int],
+              errors: list[tuple[str, str]]) -> None:
+        """Remember a dataset's rows as just exported. Best effort: a snapshot that cannot be written only costs speed."""
+        blob, offsets = relpaths_packed
+        errors_blob, errors_offsets = pack_strings([text for pair in errors for text in pair])
+        arrays = {
+            "paths_blob": blob, "paths_offsets": offsets, "labels": labels.astype(np.int64), "split_codes": split_codes,
+            "stats": stats, "digests": digests.astype(DIGEST_DTYPE), "export_stat": export_stat(export),
+            "errors_blob": errors_blob, "errors_offsets": errors_offsets,
+            "meta": np.frombuffer(canonical_json({"format": SNAPSHOT_FORMAT, "key": key, "taken_ns": taken_ns,
+                                                  "export": export.name, "dims": dims}).encode(), dtype=np.uint8),
+        }
+        arrays["checksum"] = np.frombuffer(_checksum(arrays).encode(), dtype=np.uint8)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path(key), buffer.getvalue())
+
+
+def export_stat(path: Path) -> np.ndarray:
+    """The stat key of an export file (zeros when it is missing)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return np.zeros(4, dtype=np.int64)
+    return np.array([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], dtype=np.int64)
+
+
+def unchanged_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], stats: np.ndarray) -> np.ndarray | None:
+    """For each of today's rows, the snapshot row it can take its digest from (-1: hash it again); None without a snapshot.
+
+    A row keeps its digest when the same relative path had the same stat key when the snapshot was
+    taken and that key was not racily close to it.
+    """
+    today = unpack_strings(*relpaths_packed)
+    before = {relpath: row for row, relpath in enumerate(unpack_strings(snapshot.paths_blob, snapshot.paths_offsets))}
+    rows = np.fromiter((before.get(relpath, -1) for relpath in today), dtype=np.int64, count=len(today))
+    known = rows >= 0
+    same = np.zeros(len(today), dtype=bool)
+    same[known] = (snapshot.stats[rows[known]] == stats[known]).all(axis=1) & trusted(stats[known], snapshot.taken_ns)
+    rows[~same] = -1
+    return rows
+
+
+def is_hit(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
+           stats: np.ndarray, export: Path) -> bool:
+    """Whether today's rows and files are exactly those the snapshot's export was made from, and the export is untouched."""
+    blob, offsets = relpaths_packed
+    return (np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
+            and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
+            and np.array_equal(snapshot.stats, stats) and bool(trusted(stats, snapshot.taken_ns).all())
+            and np.array_equal(snapshot.export_stat, export_stat(export)) and bool(snapshot.export_stat[0]))

@@ -1,0 +1,153 @@
+"""The cache-hit fast path and incremental runs: no stale row, whatever changes, and a hit that imports no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embedpipe
+from embedpipe import BackboneSpec, RunConfig
+from embedpipe.cache.index import RACY_NS
+
+from .conftest import draw, make_tree
+
+
+def _settle(folder: Path) -> None:
+    """Wait until every file below ``folder`` is older than the racily-clean window, as files normally are."""
+    newest = max(max(p.stat().st_mtime_ns, p.stat().st_ctime_ns) for p in folder.rglob("*") if p.is_file())
+    time.sleep(max(0.0, (newest + RACY_NS - time.time_ns()) / 1e9 + 0.05))
+
+
+def _fresh(tree: Path, spec: BackboneSpec, run: RunConfig, tmp_path: Path) -> np.ndarray:
+    """The embeddings an empty cache gives: what any cached answer must equal."""
+    cache = tmp_path / f"fresh-{time.time_ns()}"
+    return embedpipe.load(embedpipe.extract(tree, spec, cache_dir=cache, run=run).path)[0]
+
+
+def test_cache_hit_imports_neither_torch_nor_timm(tree_copy: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    code = (
+        "import json, sys, embedpipe\n"
+        "spec = embedpipe.BackboneSpec(name='test_resnet', pretrained=False, preprocess={'input_size': 64}, precision='fp32')\n"
+        f"r = embedpipe.extract({str(tree_copy)!r}, spec, cache_dir={str(cache)!r}, run=embedpipe.RunConfig(device='auto', num_workers=0))\n"
+        "print(json.dumps({'hit': r.cache_hit, 'computed': r.computed, 'rows': r.num_images, "
+        "'imported': sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules)}))\n"
+    )
+    _settle(tree_copy)
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            for _ in range(2)]
+    assert runs[0]["computed"] == 24 and runs[0]["imported"] == ["timm", "torch", "torchvision"]
+    assert runs[1] == {"hit": True, "computed": 0, "rows": 24, "imported": []}
+
+
+def test_every_change_to_the_key_recomputes(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig) -> None:
+    cache = tmp_path / "cache"
+    _settle(tree_copy)
+    embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    variants = [
+        dataclasses.replace(spec, preprocess={"input_size": 72}),
+        dataclasses.replace(spec, preprocess={"input_size": 64, "interpolation": "nearest"}),
+        dataclasses.replace(spec, preprocess={"input_size": 64, "crop_pct": 0.5}),
+        dataclasses.replace(spec, preprocess={"input_size": 64, "mean": (0.4, 0.45, 0.5)}),
+        dataclasses.replace(spec, dtype="float16"),
+        dataclasses.replace(spec, precision="bf16"),
+        dataclasses.replace(spec, outputs=("embedding", "logits")),
+        dataclasses.replace(spec, name="test_vit"),
+    ]
+    keys = set()
+    for variant in variants:
+        result = embedpipe.extract(tree_copy, variant, cache_dir=cache, run=run)
+        assert not result.cache_hit and result.computed == 24, variant
+        keys.add(result.cache_key)
+        np.testing.assert_array_equal(embedpipe.load(result.path)[0], _fresh(tree_copy, variant, run, tmp_path))
+        assert embedpipe.extract(tree_copy, variant, cache_dir=cache, run=run).cache_hit  # and now it is a hit
+    assert len(keys) == len(variants)
+
+
+def test_a_weights_file_rewritten_in_place_is_a_new_key(image_tree: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig) -> None:
+    from safetensors.torch import save_file
+
+    from embedpipe.backbone import load_backbone
+
+    weights = tmp_path / "w.safetensors"
+    model = load_backbone("test_resnet", pretrained=False)
+    save_file(model.state_dict(), weights)
+    spec = dataclasses.replace(spec, weights=str(weights))
+    first = embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "cache", run=run)
+    for tensor in model.state_dict().values():
+        tensor.mul_(1.5) if tensor.is_floating_point() else None
+    save_file(model.state_dict(), weights)  # same path, new bytes: the remembered resolution must not be served
+    second = embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "cache", run=run)
+    assert second.cache_key != first.cache_key and second.computed == 24
+    np.testing.assert_array_equal(embedpipe.load(second.path)[0], _fresh(image_tree, spec, run, tmp_path))
+
+
+@pytest.mark.parametrize("how", ["same size, mtime restored", "same size, mtime restored, seconds later",
+                                 "renamed over (new inode), mtime restored"])
+def test_an_image_rewritten_in_place_is_recomputed(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig,
+                                                    how: str) -> None:
+    cache = tmp_path / "cache"
+    victim = sorted(tree_copy.glob("squares/*.png"))[0]
+    # Uncompressed PNGs of one size hold the same number of bytes whatever their pixels.
+    draw("squares", seed=7, size=(96, 80)).save(victim, compress_level=0)
+    replacement = tmp_path / "replacement.png"
+    draw("circles", seed=99, size=(96, 80)).save(replacement, compress_level=0)
+    new = replacement.read_bytes()
+    assert len(new) == victim.stat().st_size
+    _settle(tree_copy)
+    embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    before = victim.stat()
+    if how.startswith("renamed"):
+        staged = victim.with_name(".staged.png")
+        staged.write_bytes(new)
+        os.replace(staged, victim)
+    else:
+        if how.endswith("later"):
+            time.sleep(1.1)
+        with open(victim, "r+b") as handle:
+            handle.write(new)
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -d, cp -p, rsync -t, tar do
+    assert victim.stat().st_size == before.st_size and victim.stat().st_mtime_ns == before.st_mtime_ns
+    again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert again.computed == 1 and not again.cache_hit
+    np.testing.assert_array_equal(embedpipe.load(again.path)[0], _fresh(tree_copy, spec, run, tmp_path))
+
+
+def test_added_images_hash_only_themselves(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedpipe.cache.index as index
+
+    cache = tmp_path / "cache"
+    _settle(tree_copy)
+    embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    make_tree(tree_copy, per_class=1, start=40)
+    hashed: list[str] = []
+    real = index.sha256_file
+    monkeypatch.setattr(index, "sha256_file", lambda path: hashed.append(os.fspath(path)) or real(path))
+    grown = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert grown.computed == 3 and sorted(Path(p).name for p in hashed) == sorted(
+        p.name for p in tree_copy.rglob("*_040.*"))
+    np.testing.assert_array_equal(embedpipe.load(grown.path)[0], _fresh(tree_copy, spec, run, tmp_path))
+
+
+def test_a_damaged_snapshot_is_ignored_not_trusted(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig) -> None:
+    cache = tmp_path / "cache"
+    _settle(tree_copy)
+    first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    (snapshot,) = (cache / "listings").glob("*.npz")
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    snapshot.write_bytes(bytes(data))
+    again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert again.cache_hit and again.path == first.path  # answered the slow way, from the export itself
+    shutil.rmtree(cache / "listings")
+    assert embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run).cache_hit
