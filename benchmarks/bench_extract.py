@@ -291,8 +291,10 @@ class Bench(Harness):
         store = (TimedStore if writes else DiscardStore)(cache, self.config)
         store.create()
         try:
-            todo = dict(list(self.todo.items())[: self.args.forward_images])
-            seconds, computed = extraction._compute(store, todo, self.spec, self.device, self.run_cfg, no_progress)
+            todo = list(self.todo.items())[: self.args.forward_images]
+            digests = np.array([d for d, _ in todo], dtype="S64")
+            seconds, computed = extraction._compute(store, digests, [str(p) for _, p in todo], self.spec, self.device,
+                                                    self.run_cfg, no_progress)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         extra = {"write_seconds": store.write_seconds, "shards": store.shards_written} if writes else {}

@@ -228,20 +228,23 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
         index = store.index()
         ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
-        keys: list[bytes] = digests.tolist()  # the store's row keys
-        todo: dict[bytes, str] = {}
-        for image, key in zip(dataset.paths, keys):
-            if key not in index and key not in todo:
-                todo[key] = image
-        _raise_on_failures(run, [(relpath, index.errors[k]) for relpath, k in zip(dataset.relpaths, keys) if k in index.errors])
-        own = _compute(store, dict(ranks.share(list(todo.items()))), spec, device, run, progress, own_shards=ranks.world > 1)
+        failed_before = np.array([d in index.errors for d in digests.tolist()], dtype=bool) if index.errors else None
+        if failed_before is not None:
+            _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
+        missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
+        _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
+        todo = np.flatnonzero(missing)[np.sort(first)]
+        base = str(dataset.base)
+        mine = ranks.share(todo.tolist())
+        own = _compute(store, digests[mine], [f"{base}/{dataset.relpaths[i]}" for i in mine], spec, device, run, progress,
+                       own_shards=ranks.world > 1)
         timings = ranks.gather(own)  # also waits for every rank's last shard
         if ranks.is_main:
             if ranks.world > 1:
                 store.compact()
             request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
-                                    digests=keys, meta=meta)
+                                    digests=digests, meta=meta)
             write_export(path, store, store.index(), request)
         ranks.barrier()  # the export is complete before any rank reports it
     return sum(t[1] for t in timings), max(t[0] for t in timings)
@@ -255,7 +258,8 @@ def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
 
 def _compute(
     store: Store,
-    todo: dict[bytes, str],
+    digests: np.ndarray,
+    paths: list[str],
     spec: BackboneSpec,
     device: str,
     run: RunConfig,
@@ -263,7 +267,7 @@ def _compute(
     *,
     own_shards: bool = False,
 ) -> tuple[float, int]:
-    """Embed the images in ``todo`` into the store, one committed shard per batch.
+    """Embed the images at ``paths`` (content ``digests``, S64) into the store, one committed shard per batch.
 
     Args:
         own_shards: compact only the shards this process wrote (other ranks write beside it).
@@ -274,18 +278,16 @@ def _compute(
     from .backbone import load_backbone
     from .inference import embed, prepare_model
 
-    if not todo:
+    if not len(paths):
         return 0.0, 0
     model = prepare_model(load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained), device, run)
-    digests = list(todo)
-    paths = list(todo.values())
     computed = 0
     written = 0
     started = time.perf_counter()
     with progress("embedding", len(paths)) as advance:
         for batch in embed(model, paths, store.config, device=device, run=run):
             errors = [(digests[row], reason) for row, reason in batch.errors]
-            store.write_shard([digests[row] for row in batch.rows.tolist()], batch.outputs, errors)
+            store.write_shard(digests[batch.rows], batch.outputs, errors)
             written += 1
             computed += len(batch.rows)
             advance(len(batch.rows) + len(errors))

@@ -71,7 +71,7 @@ class ExportRequest:
     paths: list[str]  # relative paths, in dataset order
     labels: np.ndarray  # int64, -1 when unlabelled
     split: list[str] | None
-    digests: list[bytes]
+    digests: np.ndarray  # S64 (N,): each image's content digest
     meta: ExportMeta
 
 
@@ -86,8 +86,9 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
     Images whose decoding failed are left out of the arrays and listed under
     ``errors/``, so every row stays aligned with its path.
     """
-    ok = [i for i, d in enumerate(request.digests) if d in index.rows]
-    failed = [i for i, d in enumerate(request.digests) if d not in index.rows]
+    digests = np.asarray(request.digests, dtype=DIGEST_DTYPE)
+    stored = index.has_rows(digests)
+    ok, failed = np.flatnonzero(stored), np.flatnonzero(~stored)
     dims = {output: store.width(index, output) for output in store.config.outputs}
     row_bytes = sum(dims.values()) * np.dtype(store.config.dtype).itemsize
     needed = len(ok) * (row_bytes + 200) + (1 << 20)
@@ -115,17 +116,16 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 )
                 for start in range(0, n, CHUNK_ROWS):
                     chunk = ok[start : start + CHUNK_ROWS]
-                    digests = [request.digests[i] for i in chunk]
-                    out[start : start + len(chunk)] = store.read_rows(index, digests, output, files=shard_files)
-            f.create_dataset("labels", data=request.labels[ok].astype(np.int64))
-            f.create_dataset("paths", data=[request.paths[i] for i in ok], dtype=STR_DTYPE)
-            f.create_dataset("digests", data=np.array([request.digests[i] for i in ok], dtype=DIGEST_DTYPE))
+                    out[start : start + len(chunk)] = store.read_rows(index, digests[chunk], output, files=shard_files)
+            f.create_dataset("labels", data=np.asarray(request.labels)[ok].astype(np.int64))
+            f.create_dataset("paths", data=[request.paths[i] for i in ok.tolist()], dtype=STR_DTYPE)
+            f.create_dataset("digests", data=digests[ok])
             if request.split is not None:
-                f.create_dataset("split", data=[request.split[i] for i in ok], dtype=STR_DTYPE)
+                f.create_dataset("split", data=[request.split[i] for i in ok.tolist()], dtype=STR_DTYPE)
             errors = f.create_group("errors")
-            errors.create_dataset("paths", data=[request.paths[i] for i in failed], dtype=STR_DTYPE)
+            errors.create_dataset("paths", data=[request.paths[i] for i in failed.tolist()], dtype=STR_DTYPE)
             errors.create_dataset(
-                "reasons", data=[index.errors.get(request.digests[i], "not computed") for i in failed], dtype=STR_DTYPE
+                "reasons", data=[index.errors.get(digests[i], "not computed") for i in failed.tolist()], dtype=STR_DTYPE
             )
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -33,14 +33,38 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StoreIndex:
-    """Where each digest's rows are: ``rows[digest] = (shard, row)``; ``errors[digest] = reason``."""
+    """Where each digest's row is, as sorted columns (no Python object per row).
 
-    rows: dict[bytes, tuple[Path, int]]
+    ``digests`` holds every stored digest once, sorted; ``shard[i]`` (an index into ``shards``) and
+    ``row[i]`` locate ``digests[i]``. Images that failed to decode are in ``errors`` (digest -> reason).
+    """
+
+    digests: np.ndarray  # S64 (M,), sorted, unique
+    shard: np.ndarray  # int32 (M,)
+    row: np.ndarray  # int64 (M,)
     errors: dict[bytes, str]
     shards: list[Path]
 
+    def _positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        digests = np.asarray(digests, dtype=DIGEST_DTYPE)
+        at = np.searchsorted(self.digests, digests)
+        found = at < len(self.digests)
+        found[found] = self.digests[at[found]] == digests[found]
+        return at, found
+
+    def has_rows(self, digests: np.ndarray) -> np.ndarray:
+        """Which of ``digests`` (S64) have a stored row: bool, same shape."""
+        return self._positions(digests)[1]
+
+    def locate(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard index, row)`` of each of ``digests``, all of which must have rows."""
+        at, found = self._positions(digests)
+        if not found.all():
+            raise CacheError("internal: rows asked for digests the store does not hold")
+        return self.shard[at], self.row[at]
+
     def __contains__(self, digest: bytes) -> bool:
-        return digest in self.rows or digest in self.errors
+        return digest in self.errors or bool(self.has_rows(np.array([digest], dtype=DIGEST_DTYPE))[0])
 
 
 class Store:
@@ -99,15 +123,14 @@ class Store:
         return visible_h5(self.shard_dir)
 
     def index(self) -> StoreIndex:
-        """Read every committed shard's digests (not its data)."""
-        rows: dict[bytes, tuple[Path, int]] = {}
+        """Read every committed shard's digests (not its data) into sorted columns."""
+        parts: list[np.ndarray] = []
         errors: dict[bytes, str] = {}
         shards = self.shards()
         for shard in shards:
             try:
                 with h5py.File(shard, "r") as f:
-                    for row, digest in enumerate(f["digests"][:].tolist()):
-                        rows.setdefault(digest, (shard, row))
+                    parts.append(f["digests"][:].astype(DIGEST_DTYPE))
                     if "errors" in f:
                         for digest, reason in zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:]):
                             errors.setdefault(digest, reason)
@@ -115,7 +138,15 @@ class Store:
                 raise CacheError(
                     f"cache shard {shard} is unreadable ({error}): delete it; only its rows are recomputed"
                 ) from None
-        return StoreIndex(rows=rows, errors=errors, shards=shards)
+        every = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST_DTYPE)
+        shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
+        row_of = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts]) if parts else np.empty(0, dtype=np.int64)
+        # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
+        # read from its first shard in name order, as a stable sort keeps it first among equals.
+        order = np.argsort(every, kind="stable")
+        digests, first = np.unique(every[order], return_index=True)
+        chosen = order[first]
+        return StoreIndex(digests=digests, shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
 
     def write_shard(
         self,
@@ -182,22 +213,20 @@ class Store:
         return 0
 
     def read_rows(
-        self, index: StoreIndex, digests: Sequence[bytes], output: str, *, files: dict[Path, h5py.File] | None = None
+        self, index: StoreIndex, digests: np.ndarray, output: str, *, files: dict[Path, h5py.File] | None = None
     ) -> np.ndarray:
-        """Rows for ``digests`` (all present in ``index``), in that order, in the stored dtype.
+        """Rows for ``digests`` (S64, all with rows in ``index``), in that order, in the stored dtype.
 
         Args:
             files: open shard handles to reuse across calls (the caller closes them);
                 without it each shard is opened and closed here.
         """
-        by_shard: dict[Path, list[tuple[int, int]]] = {}
-        for position, digest in enumerate(digests):
-            shard, row = index.rows[digest]
-            by_shard.setdefault(shard, []).append((row, position))
+        shard_ids, rows = index.locate(digests)
         result: np.ndarray | None = None
-        for shard, pairs in by_shard.items():
-            rows = np.array([r for r, _ in pairs])
-            positions = np.array([p for _, p in pairs])
+        for shard_id in np.unique(shard_ids).tolist():
+            shard = index.shards[shard_id]
+            positions = np.flatnonzero(shard_ids == shard_id)
+            wanted_rows = rows[positions]
             with contextlib.ExitStack() as stack:
                 if files is None:
                     f = stack.enter_context(h5py.File(shard, "r"))
@@ -206,13 +235,13 @@ class Store:
                 stored = f[dataset_name_for(output)]
                 if result is None:
                     result = np.empty((len(digests), stored.shape[1]), dtype=stored.dtype)
-                wanted = np.unique(rows)  # h5py wants increasing, unique indices
+                wanted = np.unique(wanted_rows)  # h5py wants increasing, unique indices
                 if wanted[-1] - wanted[0] < 4 * len(wanted):
                     block = stored[wanted[0] : wanted[-1] + 1]  # one contiguous read beats fancy indexing
-                    result[positions] = block[rows - wanted[0]]
+                    result[positions] = block[wanted_rows - wanted[0]]
                 else:
                     block = stored[wanted]
-                    result[positions] = block[np.searchsorted(wanted, rows)]
+                    result[positions] = block[np.searchsorted(wanted, wanted_rows)]
         if result is None:
             raise CacheError("internal: no rows requested")
         return result
