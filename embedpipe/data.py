@@ -23,7 +23,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -35,6 +36,29 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 UNLABELLED = -1
+
+
+class PathColumn(Sequence[str]):
+    """A read-only sequence of absolute paths, ``base/relpath``, each built when it is read."""
+
+    __slots__ = ("base", "relpaths")
+
+    def __init__(self, base: str, relpaths: Sequence[str]) -> None:
+        self.base, self.relpaths = base, relpaths
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [f"{self.base}/{relpath}" for relpath in self.relpaths[index]]
+        return f"{self.base}/{self.relpaths[index]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,10 +98,9 @@ class Dataset:
         return self.root.parent if self.layout == "manifest" else self.root
 
     @property
-    def paths(self) -> list[str]:
-        """Absolute path of each image, as text (no ``Path`` object per image)."""
-        base = str(self.base)
-        return [f"{base}/{relpath}" for relpath in self.relpaths]
+    def paths(self) -> PathColumn:
+        """Absolute path of each image, as text, made when read (no string or ``Path`` kept per image)."""
+        return PathColumn(str(self.base), self.relpaths)
 
     @property
     def splits(self) -> list[str | None]:

@@ -27,7 +27,7 @@ from .cache.layout import DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, is_hit, pack_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, canonical_json
-from .data import Dataset, load_dataset
+from .data import Dataset, PathColumn, load_dataset
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
@@ -87,17 +87,19 @@ def resolve(backbone: str | BackboneSpec, device: str, *, cache_dir: str | Path 
     return config
 
 
-def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: EmbeddingConfig) -> str:
+def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: EmbeddingConfig, *,
+                        packed: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config.
 
     Args:
         digests: ``S64`` (N,) hex sha256 of each image, in dataset order.
+        packed: the relative paths as :func:`~embedpipe.cache.listing.pack_strings` packs them, when at hand.
     """
     digest = hashlib.sha256(canonical_json({
         "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
         "split": dataset.split_config.to_dict() if dataset.split_config else None,
     }).encode())
-    blob, offsets = pack_strings(list(dataset.relpaths))
+    blob, offsets = packed if packed is not None else pack_strings(list(dataset.relpaths))
     for column in (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
                    np.asarray(digests, dtype=DIGEST_DTYPE)):
         digest.update(np.ascontiguousarray(column).tobytes())
@@ -167,7 +169,7 @@ def extract(
         if not ranks.is_main:  # one progress bar and one report, from rank 0
             progress = no_progress
         digests = _digests(FileIndex(cache_dir), paths, stats, snapshot, packed, ranks, progress)
-        fingerprint = dataset_fingerprint(dataset, digests, config)
+        fingerprint = dataset_fingerprint(dataset, digests, config, packed=packed)
         path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
         attrs = read_attrs(path)
         computed, forward_seconds = 0, 0.0
@@ -197,7 +199,7 @@ def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, 
                          images_per_second=images_per_second)
 
 
-def _digests(index: FileIndex, paths: list[str], stats: np.ndarray, snapshot: Snapshot | None,
+def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: Snapshot | None,
              packed: tuple[np.ndarray, np.ndarray], ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
     """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
     digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
@@ -209,8 +211,8 @@ def _digests(index: FileIndex, paths: list[str], stats: np.ndarray, snapshot: Sn
         todo = np.flatnonzero(~kept)
     mine = ranks.share(todo.tolist())
     with progress("hashing", len(todo)) as advance:
-        hashed = index.digests([paths[i] for i in mine], stats=stats[mine], progress=advance)
-    digests[todo] = ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
+        hashed = index.digests(PathColumn(paths.base, [paths.relpaths[i] for i in mine]), stats=stats[mine], progress=advance)
+    digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
     return digests
 
 

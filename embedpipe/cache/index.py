@@ -85,7 +85,8 @@ class FileIndex:
         Raises:
             CacheError: a file vanished while scanning, or the index cannot be read or written.
         """
-        paths = [os.fspath(p) for p in paths]
+        if not isinstance(paths, Sequence) or not all(isinstance(p, str) for p in paths[:1]):
+            paths = [os.fspath(p) for p in paths]
         stats = stat_files(paths) if stats is None else stats
         result = np.empty(len(paths), dtype=DIGEST_DTYPE)
         connection = self._connect()
@@ -102,7 +103,7 @@ class FileIndex:
             connection.close()
         return result
 
-    def _slice_digests(self, connection: sqlite3.Connection, pool: ThreadPoolExecutor, paths: list[str], stats: np.ndarray,
+    def _slice_digests(self, connection: sqlite3.Connection, pool: ThreadPoolExecutor, paths: Sequence[str], stats: np.ndarray,
                        progress: Progress | None) -> list[str]:
         known: dict[str, tuple[int, int, int, int, int, str]] = {}
         for start in range(0, len(paths), 900):  # SQLite caps bound parameters
