@@ -90,7 +90,7 @@ def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from .registry import from_state
+    from .registry import HEADS, from_state
 
     folder = Path(folder)
     meta_path = folder / META_FILE if folder.is_dir() else folder
@@ -106,12 +106,64 @@ def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
         raise HeadError(
             f"{meta_path} has head format {info.get('format_version')}, this embedpipe reads {FORMAT_VERSION}: refit the head"
         )
+    _check_info(info, meta_path)
     try:
         arrays = load_file(str(meta_path.parent / ARRAYS_FILE))
     except (OSError, SafetensorError, ValueError) as error:
         raise HeadError(f"{meta_path.parent / ARRAYS_FILE} is not a readable safetensors file ({error}): refit the head") from None
     try:
         head = from_state(arrays, info["state"])
-    except (KeyError, TypeError, ValueError) as error:
+    except HeadError as error:
+        raise HeadError(f"{folder}: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise HeadError(f"{folder} does not describe a complete head ({type(error).__name__}: {error}): refit the head") from None
+    if not isinstance(head, HEADS[info["kind"]]):
+        raise HeadError(f"{meta_path} says kind {info['kind']!r} but holds a {type(head).__name__}: refit the head")
     return head, info
+
+
+def _check_info(info: dict[str, Any], meta_path: Path) -> None:
+    """What ``predict`` and ``evaluate`` read from ``head.json``, with its types, before any of it is used.
+
+    The embedding config must rebuild a pipeline this embedpipe accepts (an input size of
+    100000 px is refused here, not by allocating it) and hash to the stored ``cache_key``.
+    """
+    from ..config import EmbeddingConfig
+    from ..errors import BackboneError
+    from ..preprocess import check_overrides
+    from .registry import HEADS
+
+    def bad(what: str) -> HeadError:
+        return HeadError(f"{meta_path} {what}: refit the head")
+
+    if not isinstance(info.get("kind"), str) or info["kind"] not in HEADS:
+        raise bad(f"has kind {info.get('kind')!r}, not one of {', '.join(HEADS)}")
+    output = info.get("output", "embeddings")
+    if not isinstance(output, str) or not (output in ("embeddings", "logits") or (output.startswith("stage") and output[5:].isdigit())):
+        raise bad(f"has output {output!r}, not embeddings, logits or stageN")
+    if not isinstance(info.get("state"), dict):
+        raise bad("has no state object")
+    spec = info.get("backbone_spec")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name", ""), str)
+                                 and isinstance(spec.get("weights") or "", str) and isinstance(spec.get("pretrained", True), bool)):
+        raise bad(f"has a backbone_spec that is not a name, weights path and pretrained flag ({spec!r:.80})")
+    config_dict, key = info.get("embedding_config"), info.get("cache_key")
+    if not isinstance(config_dict, dict) or not isinstance(key, str):
+        raise bad("lacks the embedding_config and cache_key that say which embeddings it reads")
+    try:
+        config = EmbeddingConfig.from_dict(config_dict)
+        preprocess = config.preprocess.to_dict()
+        check_overrides({k: v for k, v in preprocess.items() if k != "jpeg_draft"})
+        typed = (isinstance(config.backbone, str) and isinstance(config.weights, str) and config.precision in ("fp32", "bf16", "fp16")
+                 and config.dtype in ("float16", "float32") and all(isinstance(o, str) for o in config.outputs)
+                 and isinstance(preprocess["input_size"], tuple) and len(preprocess["input_size"]) == 3
+                 and isinstance(preprocess["jpeg_draft"], bool))
+        if not typed:
+            raise TypeError("a field of the wrong type")
+        expected = config.key()
+    except BackboneError as error:
+        raise bad(f"has an embedding_config embedpipe refuses ({error})") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise bad(f"has an embedding_config that is not one ({type(error).__name__}: {error})") from None
+    if key != expected:
+        raise bad(f"has cache_key {key[:16]!r}, which is not the key of its embedding_config ({expected[:16]})")
