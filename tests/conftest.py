@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,12 @@ def artifacts(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     embedpipe.fine_tune(image_tree, spec, out=root / "run", config=config, cache_dir=root / "cache", run=run)
     found["run"] = root / "run"
     return found
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzz suite's case counts, when it ran (tests/test_fuzz.py)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    cases = getattr(fuzz, "CASES", None)
+    if cases:
+        total = sum(v for k, v in cases.items() if k.endswith(" cases"))
+        terminalreporter.write_line(f"fuzz: {total} cases; " + ", ".join(f"{k} {v}" for k, v in sorted(cases.items())))

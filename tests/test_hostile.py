@@ -24,6 +24,7 @@ from embedpipe.cli import cli
 from embedpipe.config import EmbeddingConfig
 from embedpipe.errors import BenchError, CacheError, FineTuneError, HeadError
 from embedpipe.heads import evaluate, load_head, predict
+from embedpipe.heads.headfile import checksums
 
 STR = h5py.string_dtype()
 
@@ -127,16 +128,39 @@ def test_folders_and_odd_format_versions_are_named_for_what_they_are(artifacts: 
 # --------------------------------------------------------------------------- heads
 
 
-def _edit_json(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+def reseal(folder: Path) -> None:
+    """Recompute a head's checksums after an edit: a crafted head, not a damaged one, so the checks behind them are reached."""
     info = json.loads((folder / "head.json").read_text())
-    change(info)
+    info["checksums"] = checksums(info, (folder / "arrays.safetensors").read_bytes())
     (folder / "head.json").write_text(json.dumps(info))
 
 
-def _edit_arrays(folder: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:
+def _edit_json(folder: Path, change: Callable[[dict[str, Any]], None], *, seal: bool = True) -> None:
+    info = json.loads((folder / "head.json").read_text())
+    change(info)
+    (folder / "head.json").write_text(json.dumps(info))
+    if seal:
+        reseal(folder)
+
+
+def _edit_arrays(folder: Path, change: Callable[[dict[str, np.ndarray]], None], *, seal: bool = True) -> None:
     arrays = load_file(folder / "arrays.safetensors")
     change(arrays)
     save_file(arrays, folder / "arrays.safetensors")
+    if seal:
+        reseal(folder)
+
+
+def test_a_head_changed_since_it_was_saved_is_refused(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    for part, edit in (("json", lambda: _edit_json(folder, lambda i: i["state"]["classes"].reverse(), seal=False)),
+                       ("arrays", lambda: _edit_arrays(folder, lambda a: a["coef"].__setitem__((0, 0), 1.0), seal=False))):
+        folder = Path(shutil.copytree(artifacts["logreg"], tmp_path / part))
+        edit()  # a valid head that predicts other labels or other numbers: only the checksum can tell
+        with pytest.raises(HeadError, match="changed since it was saved"):
+            load_head(folder)
+    _edit_json(folder, lambda i: i.__setitem__("format_version", "1"))
+    with pytest.raises(HeadError, match=r"has head format '1' \(str\)"):
+        load_head(folder)
 
 
 def _huge_input(info: dict[str, Any]) -> None:
@@ -202,18 +226,25 @@ def test_untampered_heads_still_load_and_predict_as_before(artifacts: dict[str, 
 # --------------------------------------------------------------------------- fine-tune runs and bench results
 
 
-def _edit_header(path: Path, change: Callable[[dict[str, Any]], None], tensors: Callable[[dict[str, Any]], None] | None = None) -> None:
+def _edit_header(path: Path, change: Callable[[dict[str, Any]], None], tensors: Callable[[dict[str, Any]], None] | None = None,
+                 *, seal: bool = True) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file as load_torch
     from safetensors.torch import save_file as save_torch
 
+    from embedpipe.finetune.rundir import CHECKSUM_KEY, tensors_digest
+
     with safe_open(str(path), "pt") as handle:
-        meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
+        raw = handle.metadata() or {}
+    meta = {k: json.loads(v) for k, v in raw.items() if k != CHECKSUM_KEY}
     data = load_torch(str(path))
     change(meta)
     if tensors:
         tensors(data)
-    save_torch(data, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    # sealed: a crafted checkpoint, so the checks behind the checksum are reached; unsealed: damage, the old checksum kept
+    header[CHECKSUM_KEY] = json.dumps(tensors_digest(data, header)) if seal else raw[CHECKSUM_KEY]
+    save_torch(data, str(path), metadata=header)
 
 
 RUN_TAMPERING: dict[str, tuple[str, Callable[[dict[str, Any]], None], Any, str]] = {
@@ -223,6 +254,7 @@ RUN_TAMPERING: dict[str, tuple[str, Callable[[dict[str, Any]], None], Any, str]]
     "a weight of another shape": ("best.safetensors", lambda m: None,
                                   lambda t: t.__setitem__("fc.weight", t["fc.weight"][:, :5].clone()), "holds fc.weight as"),
     "NaN weights": ("best.safetensors", lambda m: None, lambda t: t["fc.bias"].fill_(float("nan")), "NaN or infinite values in fc.bias"),
+    "a changed weight, unsealed": ("best.safetensors", lambda m: None, lambda t: t["fc.bias"].add_(1.0), "changed since it was written"),
 }
 
 
@@ -233,7 +265,7 @@ def test_a_tampered_fine_tune_checkpoint_is_refused_on_resume(artifacts: dict[st
 
     name, change, tensors, message = RUN_TAMPERING[case]
     out = Path(shutil.copytree(artifacts["run"], tmp_path / "run"))
-    _edit_header(out / name, change, tensors)
+    _edit_header(out / name, change, tensors, seal="unsealed" not in case)
     spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32")
     config = FineTuneConfig(batch_size=8, augment="none", warmup=0.0, head_epochs=1, epochs=1, unfreeze="none")
     with pytest.raises(FineTuneError, match=message) as raised:

@@ -156,6 +156,15 @@ class Loaded:
     errors: list[tuple[str, str]]
 
 
+# What h5py and numpy raise on damaged bytes: OSError mostly, RuntimeError for a damaged attribute table,
+# KeyError/ValueError for damaged object headers, UnicodeDecodeError for text that is not UTF-8.
+UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, UnicodeDecodeError)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 REBUILD = "delete it and rerun `embedpipe extract` to rebuild it from the cache"
 _TEXT_KINDS = "OSU"  # numpy kinds h5py gives string datasets: vlen object, fixed bytes, fixed unicode
 
@@ -317,8 +326,8 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
                 attrs=attrs,
                 errors=list(zip(f["errors/paths"].asstr()[:], f["errors/reasons"].asstr()[:])),
             )
-    except (OSError, UnicodeDecodeError) as error:
-        raise CacheError(f"{path} is not a readable HDF5 file ({error}): {REBUILD}") from None
+    except UNREADABLE as error:
+        raise CacheError(f"{path} is not a readable HDF5 file ({first_line(error)}): {REBUILD}") from None
 
 
 def verify_export(path: str | Path) -> list[str]:
@@ -341,5 +350,5 @@ def verify_export(path: str | Path) -> list[str]:
             for name in ("paths", "digests", "errors/paths", "errors/reasons"):
                 f[name][...]
             return problems
-    except (OSError, KeyError, UnicodeDecodeError) as error:
-        return [f"unreadable: {error}"]
+    except UNREADABLE as error:
+        return [f"unreadable: {first_line(error)}"]

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import sha256_file
 from ..errors import CacheError
-from .export import check_export, read_export, verify_export
+from .export import UNREADABLE, check_export, first_line, read_export, verify_export
 from .layout import SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, read_attrs, visible_h5
 from .store import shard_rows
 
@@ -76,8 +76,8 @@ def _describe_export(path: Path) -> dict[str, Any]:
             attrs = check_export(f, path)
     except CacheError as error:
         return {"path": str(path), "error": str(error).removeprefix(f"{path} ")}
-    except (OSError, UnicodeDecodeError) as error:
-        return {"path": str(path), "error": f"not a readable HDF5 file ({error})"}
+    except UNREADABLE as error:
+        return {"path": str(path), "error": f"not a readable HDF5 file ({first_line(error)})"}
     return {
         "path": str(path),
         "dataset": attrs["dataset"].get("root", ""),

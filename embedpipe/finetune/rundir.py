@@ -63,25 +63,52 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json_bytes(data))
 
 
+CHECKSUM_KEY = "sha256"  # header entry: digest of every tensor and the rest of the header
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
+    """sha256 over the header's JSON strings and each tensor's name, dtype, shape and bytes (sorted by name)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """A safetensors file whose header carries ``metadata`` (each value JSON-encoded), written atomically."""
+    """A safetensors file whose header carries ``metadata`` (each value JSON-encoded) and a checksum, written atomically."""
     from safetensors.torch import save
 
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, save(plain, metadata={k: json.dumps(v, default=jsonable) for k, v in metadata.items()}))
+    header = {k: json.dumps(v, default=jsonable) for k, v in metadata.items()}
+    header[CHECKSUM_KEY] = json.dumps(tensors_digest(plain, header))
+    atomic_write(path, save(plain, metadata=header))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by :func:`save_tensors`: ``(tensors, metadata)``; never unpickles."""
+    """Read a file written by :func:`save_tensors`: ``(tensors, metadata)``; never unpickles.
+
+    Raises:
+        FineTuneError: unreadable, or changed since it was written (a checksum that does not match).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-        return load_file(str(path)), {k: json.loads(v) for k, v in raw.items()}
+        tensors = load_file(str(path))
+        metadata = {k: json.loads(v) for k, v in raw.items()}
     except Exception as error:  # safetensors raises its own errors, OS and JSON ones
-        raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}): start a new run with another --out") from None
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {message}): start a new run with another --out") from None
+    stored = metadata.pop(CHECKSUM_KEY, None)  # checkpoints written before checksums have none
+    if stored is not None and stored != tensors_digest(tensors, raw):
+        raise FineTuneError(f"{path} changed since it was written (its checksum does not match): start a new run with another --out")
+    return tensors, metadata
 
 
 def _number(value: Any) -> bool:
@@ -135,6 +162,14 @@ def _is_record(record: Any) -> bool:
     return (isinstance(record, dict) and isinstance(record.get("phase"), str) and _whole(record.get("epoch"))
             and all(_number(record.get(k)) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "head_lr", "seconds"))
             and isinstance(record.get("improved"), bool))
+
+
+def _is_metrics_line(record: Any) -> bool:
+    """A ``metrics.jsonl`` line as readers take it: an object whose fields, those present, have their types."""
+    if not isinstance(record, dict):
+        return False
+    checks = {"phase": lambda v: isinstance(v, str), "epoch": _whole, "improved": lambda v: isinstance(v, bool)}
+    return all(checks.get(k, lambda v: v is None or _number(v))(record[k]) for k in METRIC_KEYS if k in record)
 
 
 def check_run_state(meta: dict[str, Any], where: Path, *, phases: int) -> None:
@@ -236,7 +271,7 @@ def read_run(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         summary = json.loads((folder / SUMMARY_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FineTuneError(f"{folder} is not a readable fine-tune run ({error}): {hint}") from None
-    bad = next((i for i, record in enumerate(epochs) if not _is_record(record)), None)
+    bad = next((i for i, record in enumerate(epochs) if not _is_metrics_line(record)), None)
     if bad is not None:
         raise FineTuneError(f"{folder / METRICS_JSONL} line {bad + 1} is not an epoch record ({', '.join(METRIC_KEYS)}): {hint}")
     if not isinstance(summary, dict):

@@ -9,6 +9,7 @@ crafted head file cannot run code when loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import json_bytes, write_atomically
+from ..config import digest_of
 from ..errors import HeadError
 from ..machine import versions
 
@@ -72,13 +74,22 @@ def save_head(folder: str | Path, head: Any, info: HeadInfo) -> Path:
     folder = Path(folder)
     arrays, state = head.get_state()
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "state": state, **info.to_dict()}
+    array_bytes = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    document = json.loads(json_bytes(document))  # the plain JSON that is written, so its digest is the one read back
+    document["checksums"] = checksums(document, array_bytes)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / ARRAYS_FILE, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+        write_atomically(folder / ARRAYS_FILE, array_bytes)
         write_atomically(folder / META_FILE, json_bytes(document))
     except OSError as error:
         raise HeadError(f"could not write the head to {folder} ({error.strerror or error}): free disk space or pick another --out") from None
     return folder
+
+
+def checksums(document: dict[str, Any], array_bytes: bytes) -> dict[str, str]:
+    """sha256 of ``arrays.safetensors`` and of ``head.json`` without its checksums: a changed byte in either is refused."""
+    body = {k: v for k, v in document.items() if k != "checksums"}
+    return {"arrays": hashlib.sha256(array_bytes).hexdigest(), "document": digest_of(body)}
 
 
 def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -88,7 +99,7 @@ def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
         HeadError: not a head folder, another format version, or damaged files.
     """
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     from .registry import HEADS, from_state
 
@@ -102,15 +113,20 @@ def load_head(folder: str | Path) -> tuple[Any, dict[str, Any]]:
         raise HeadError(f"{meta_path} is not readable JSON ({error}): refit the head") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise HeadError(f"{meta_path} is not an embedpipe head: pass the folder written by `embedpipe fit-head --out`")
-    if info.get("format_version") != FORMAT_VERSION:
+    version = info.get("format_version")
+    if version != FORMAT_VERSION or type(version) is not int:
         raise HeadError(
-            f"{meta_path} has head format {info.get('format_version')}, this embedpipe reads {FORMAT_VERSION}: refit the head"
+            f"{meta_path} has head format {version!r} ({type(version).__name__}), this embedpipe reads {FORMAT_VERSION}: refit the head"
         )
-    _check_info(info, meta_path)
     try:
-        arrays = load_file(str(meta_path.parent / ARRAYS_FILE))
+        array_bytes = (meta_path.parent / ARRAYS_FILE).read_bytes()
+        arrays = load(array_bytes)
     except (OSError, SafetensorError, ValueError) as error:
         raise HeadError(f"{meta_path.parent / ARRAYS_FILE} is not a readable safetensors file ({error}): refit the head") from None
+    stored = info.get("checksums")
+    if stored is not None and stored != checksums(info, array_bytes):  # heads saved before checksums have none
+        raise HeadError(f"{meta_path.parent} changed since it was saved (its checksums do not match): refit the head")
+    _check_info(info, meta_path)
     try:
         head = from_state(arrays, info["state"])
     except HeadError as error:
