@@ -54,11 +54,15 @@ def _check_known(arch: str) -> None:
 def _pretrained_cfg(name: str) -> dict[str, Any]:
     timm = _timm()
     arch, tag = split_name(name)
-    cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
+    except RuntimeError:  # timm raises for a tag its registry does not know
+        cfg = None
     if cfg is None:
         if tag:
             tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-            raise BackboneError(f"{arch} has no pretrained tag {tag!r} (known: {', '.join(tags) or 'none'}): fix the tag")
+            raise BackboneError(f"{arch} has no pretrained tag {tag!r} (known: {', '.join(tags) or 'none'}): "
+                                f"pass {arch} or {arch}.<one of those>")
         cfg = timm.models.get_pretrained_cfg(arch)
     return cfg.to_dict() if cfg is not None else {}
 
@@ -105,13 +109,36 @@ def _create_from_hub(name: str) -> Any:
         hub_logger.setLevel(level)
 
 
-def _validate_outputs(outputs: tuple[str, ...]) -> tuple[str, ...]:
+def stage_count(arch: str) -> int:
+    """How many feature stages ``forward_intermediates`` numbers for an architecture (built on the meta device: no memory)."""
+    import torch
+
+    timm = _timm()
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False)
+    if not hasattr(model, "forward_intermediates"):
+        return 0
+    return len(getattr(model, "feature_info", None) or [])
+
+
+def _validate_outputs(outputs: tuple[str, ...], arch: str) -> tuple[str, ...]:
     if not outputs:
         raise BackboneError("no outputs asked for: pass --output embedding (the default), logits or stageN")
+    stages = []
     for output in outputs:
+        if not isinstance(output, str):
+            raise BackboneError(f"output {output!r} is not a name: use embedding, logits or stageN (e.g. stage2)")
         valid_stage = output.startswith(STAGE_PREFIX) and output[len(STAGE_PREFIX):].isdigit()
         if output not in (OUTPUT_EMBEDDING, OUTPUT_LOGITS) and not valid_stage:
             raise BackboneError(f"unknown output {output!r}: use embedding, logits or stageN (e.g. stage2)")
+        if valid_stage:
+            stages.append(output)
+    if stages:
+        count = stage_count(arch)
+        for output in stages:
+            if int(output[len(STAGE_PREFIX):]) >= count:
+                have = f"stage0 to stage{count - 1}" if count else "no stages embedpipe can read"
+                raise BackboneError(f"{arch} has no {output} (it has {have}): pass one of those to --output")
     return tuple(dict.fromkeys(outputs))
 
 
@@ -161,7 +188,7 @@ def resolve_embedding_config(
         backbone=arch,
         weights=identity,
         preprocess=resolve_preprocess(cfg, preprocess),
-        outputs=_validate_outputs(tuple(outputs)),
+        outputs=_validate_outputs(tuple(outputs), arch),
         precision=precision,
         dtype=dtype,
     )
@@ -220,7 +247,7 @@ def load_backbone(
 
 
 def with_outputs(config: EmbeddingConfig, outputs: tuple[str, ...]) -> EmbeddingConfig:
-    return replace(config, outputs=_validate_outputs(outputs))
+    return replace(config, outputs=_validate_outputs(outputs, config.backbone))
 
 
 def parameter_count(name: str) -> int:

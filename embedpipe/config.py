@@ -22,6 +22,11 @@ OUTPUT_EMBEDDING = "embedding"  # pooled pre-logits features
 OUTPUT_LOGITS = "logits"
 STAGE_PREFIX = "stage"  # "stage2": global-average-pooled output of feature stage 2
 
+# What a preprocessing override may be, checked before any image is decoded (CLI and library alike).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # timm's eval-transform names
+IMAGE_CHANNELS = 3  # every image is converted to RGB, so mean and std need one value per RGB channel
+MAX_INPUT_SIZE = 4096  # px; 4x the largest timm pretrained input (1024), and one 64-image fp32 batch is 12 GiB
+
 
 def canonical_json(data: Any) -> str:
     """JSON with sorted keys and no whitespace: equal data, equal text, equal hash."""

@@ -17,10 +17,52 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from .config import PreprocessConfig
+from .config import IMAGE_CHANNELS, INTERPOLATIONS, MAX_INPUT_SIZE, PreprocessConfig
+from .errors import BackboneError
 
 # Modes whose samples are wider than 8 bits; Pillow's convert("RGB") clips them.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+CROP_MODES = ("center", "squash", "border")  # timm's eval-transform crop modes
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse preprocessing no image could go through, before any is decoded or any memory is taken.
+
+    Raises:
+        BackboneError: a size outside 1..MAX_INPUT_SIZE, a mean/std without one value per RGB
+            channel or a std that is not positive, a crop fraction outside (0, 1], an unknown
+            interpolation or crop mode.
+    """
+    size = overrides.get("input_size")
+    if size is not None:
+        sides = [size] if isinstance(size, int) and not isinstance(size, bool) else list(size) if isinstance(size, (list, tuple)) else None
+        if sides is not None and len(sides) == 3:
+            channels, sides = sides[0], sides[1:]
+            if channels != IMAGE_CHANNELS:
+                raise BackboneError(f"input_size {tuple(size)} has {channels!r} channels: images are RGB, use 3")
+        if not sides or len(sides) > 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIZE for v in sides):
+            raise BackboneError(f"input size {size!r} must be a whole number of pixels from 1 to {MAX_INPUT_SIZE}: e.g. --img-size 224")
+    for name in ("mean", "std"):
+        values = overrides.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or len(values) != IMAGE_CHANNELS or not all(map(_is_number, values)):
+            raise BackboneError(f"{name} {values!r} needs {IMAGE_CHANNELS} numbers, one per RGB channel: e.g. --{name} 0.5,0.5,0.5")
+        if name == "std" and min(values) <= 0:
+            raise BackboneError(f"std {tuple(values)} must be positive in every channel: e.g. --std 0.229,0.224,0.225")
+    crop = overrides.get("crop_pct")
+    if crop is not None and not (_is_number(crop) and 0 < crop <= 1):
+        raise BackboneError(f"crop fraction {crop!r} must be in (0, 1]: e.g. --crop-pct 0.875")
+    interpolation = overrides.get("interpolation")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise BackboneError(f"unknown interpolation {interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+    crop_mode = overrides.get("crop_mode")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise BackboneError(f"unknown crop mode {crop_mode!r}: use one of {', '.join(CROP_MODES)}")
 
 
 def resolve_preprocess(pretrained_cfg: dict[str, Any], overrides: dict[str, Any] | None = None) -> PreprocessConfig:
@@ -36,6 +78,7 @@ def resolve_preprocess(pretrained_cfg: dict[str, Any], overrides: dict[str, Any]
     from timm.data import resolve_data_config
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    check_overrides(overrides)
     args = {k: overrides[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode") if k in overrides}
     if "input_size" in args and isinstance(args["input_size"], int):
         args["input_size"] = (3, args["input_size"], args["input_size"])

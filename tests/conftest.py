@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,38 @@ def spec() -> BackboneSpec:
 @pytest.fixture
 def run() -> RunConfig:
     return RunConfig(device="cpu", batch_size=8, num_workers=0)
+
+
+@pytest.fixture(scope="session")
+def artifacts(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real files to tamper with, made once: an export, a saved head of each kind and a finished fine-tune run.
+
+    Read-only: copy a file before changing it. Keys: ``data``, ``cache``, ``export``, ``logreg``, ``knn``,
+    ``mlp`` (head folders), ``run`` (a fine-tune run folder).
+    """
+    import embedpipe
+    from embedpipe.config import FineTuneConfig
+    from embedpipe.heads import fit_head
+
+    root = tmp_path_factory.mktemp("artifacts")
+    spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32")
+    run = RunConfig(device="cpu", batch_size=8, num_workers=0)
+    export = embedpipe.extract(image_tree, spec, cache_dir=root / "cache", run=run).path
+    found = {"data": image_tree, "cache": root / "cache", "export": export}
+    params = {"logreg": {"Cs": 3, "device": "cpu"}, "knn": {"device": "cpu"}, "mlp": {"hidden": 16, "max_epochs": 3, "device": "cpu"}}
+    for kind, kind_params in params.items():
+        fit_head(export, kind, out=root / kind, params=kind_params)
+        found[kind] = root / kind
+    config = FineTuneConfig(batch_size=8, augment="none", warmup=0.0, head_epochs=1, epochs=1, unfreeze="none")
+    embedpipe.fine_tune(image_tree, spec, out=root / "run", config=config, cache_dir=root / "cache", run=run)
+    found["run"] = root / "run"
+    return found
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fuzz suite's case counts, when it ran (tests/test_fuzz.py)."""
+    fuzz = sys.modules.get("tests.test_fuzz")
+    cases = getattr(fuzz, "CASES", None)
+    if cases:
+        total = sum(v for k, v in cases.items() if k.endswith(" cases"))
+        terminalreporter.write_line(f"fuzz: {total} cases; " + ", ".join(f"{k} {v}" for k, v in sorted(cases.items())))

@@ -221,13 +221,60 @@ def read_results(out: str | Path) -> list[dict[str, Any]]:
         records = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise BenchError(f"{path} is unreadable ({error}): delete it, or rerun the bench without --skip-existing") from None
-    if not isinstance(records, list):
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise BenchError(f"{path} is not a list of bench records: delete it and rerun the bench")
     formats = {r.get("bench_format") for r in records}
-    if formats - {BENCH_FORMAT}:
+    if formats - {BENCH_FORMAT} or not all(type(r.get("bench_format")) is int for r in records):
         raise BenchError(f"{path} holds bench format {sorted(map(str, formats))}, this embedpipe writes {BENCH_FORMAT}: "
                          "rerun the bench into a new --out folder")
+    for number, record in enumerate(records):
+        problem = _record_problem(record)
+        if problem:
+            raise BenchError(f"{path} record {number} {problem}: delete the file and rerun the bench, or fix that record")
     return records
+
+
+# What each field of a stored record must be (the report reads them all); other fields must be plain JSON scalars.
+_NUMBERS = {"accuracy", "balanced_accuracy", "macro_f1", "val_accuracy", "train_accuracy", "majority_accuracy", "fit_seconds",
+            "extract_images_per_second", "extract_seconds", "peak_memory_bytes", "n_train", "n_test", "n_val", "n_classes",
+            "embedding_dim", "param_count", "train_per_class", "n_seeds", "epochs"}
+_TEXTS = {"backbone", "head", "run_id", "session", "created", "error", "error_type", "chosen", "weights", "precision", "preprocess",
+          "normalisation", "split", "dataset", "source", "head_protocol", "c_grid", "head_normalisation", "selection", "head_params",
+          "device", "throughput_source", "peak_memory_kind", "embeddings_file", "stop_reason", "run_dir"}
+_REQUIRED = {"run": ("backbone", "head", "shots", "seed", "run_id"), "summary": ("backbone", "head", "shots"), "error": ("error",)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """Why a stored record cannot be reported on (a field missing or of the wrong type), or None."""
+    kind = record.get("record")
+    if kind not in _REQUIRED:
+        return f"is of kind {kind!r}, not run, summary or error"
+    missing = [k for k in _REQUIRED[kind] if record.get(k) is None]
+    if missing:
+        return f"({kind}) lacks {missing[0]!r}"
+    for key, value in record.items():
+        if key == "shots":
+            ok = value is None or value == ALL or (type(value) is int and value >= 1)
+        elif key == "seed":
+            ok = value is None or (type(value) is int and value >= 0)
+        elif key in ("seeds", "run_ids", "class_names"):
+            ok = isinstance(value, list) and all((type(v) is int) if key == "seeds" else isinstance(v, str) for v in value)
+        elif key == "confusion_matrix":
+            ok = value is None or (isinstance(value, list) and all(
+                isinstance(row, list) and len(row) == len(value) and all(type(v) is int for v in row) for row in value))
+        elif key in _NUMBERS or key.endswith(("_mean", "_std")):
+            ok = value is None or _is_number(value)
+        elif key in _TEXTS:
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = value is None or isinstance(value, (str, int, float, bool))
+        if not ok:
+            return f"has {key} {value!r:.40} of the wrong type"
+    return None
 
 
 def _csv_cell(value: Any) -> Any:

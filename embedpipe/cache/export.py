@@ -22,6 +22,7 @@ from .._atomic import fsync_dir, temporary_name
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
+from ..data import SPLITS
 from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, dataset_name_for, decode_attr
 from .store import Store, StoreIndex
 
@@ -155,62 +156,190 @@ class Loaded:
     errors: list[tuple[str, str]]
 
 
-def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype: Any = np.float32) -> Loaded:
-    """Read an exported file; raises CacheError when it is not one or is of another format version."""
+# What h5py and numpy raise on damaged bytes: OSError mostly, RuntimeError for a damaged attribute table,
+# KeyError/ValueError for damaged object headers, UnicodeDecodeError for text that is not UTF-8.
+UNREADABLE = (OSError, RuntimeError, KeyError, ValueError, UnicodeDecodeError)
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+REBUILD = "delete it and rerun `embedpipe extract` to rebuild it from the cache"
+_TEXT_KINDS = "OSU"  # numpy kinds h5py gives string datasets: vlen object, fixed bytes, fixed unicode
+
+
+class _Bad(Exception):
+    """One schema problem of an opened export, without the path (callers add it)."""
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_attrs(attrs: dict[str, Any]) -> None:
+    """The attributes the readers use, with their types (the README's attribute table)."""
+    if attrs.get("kind") != FILE_KIND:
+        raise _Bad("is not an embedpipe embeddings file: pass a file printed by `embedpipe extract`")
+    version = attrs.get("format_version")
+    if not _int(version):
+        raise _Bad(f"has format_version {version!r} of type {type(version).__name__}, not an integer: {REBUILD}")
+    if version != CACHE_FORMAT:
+        raise _Bad(f"has cache format {version}, this embedpipe reads {CACHE_FORMAT}: rerun `embedpipe extract` to rebuild it")
+    outputs = attrs.get("outputs")
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) and o for o in outputs):
+        raise _Bad(f"has outputs {outputs!r}, not a list of output names: {REBUILD}")
+    dims = attrs.get("dims")
+    if not isinstance(dims, dict) or set(dims) != set(outputs) or not all(_int(v) and v >= 0 for v in dims.values()):
+        raise _Bad(f"has dims {dims!r}, not a width (a whole number) for each of its outputs {outputs}: {REBUILD}")
+    classes = attrs.get("class_names")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _Bad(f"has class_names {classes!r}, not a list of names: {REBUILD}")
+    if len(set(classes)) != len(classes):
+        raise _Bad(f"has repeated class_names {classes}: {REBUILD}")
+    for name, kind in (("cache_key", str), ("dataset_fingerprint", str), ("embedding_config", dict), ("dataset", dict)):
+        if not isinstance(attrs.get(name), kind):
+            raise _Bad(f"has no {name} {kind.__name__} attribute (it has {attrs.get(name)!r}): {REBUILD}")
+
+
+def _dataset(f: h5py.File, name: str, *, kinds: str, ndim: int, rows: int | None) -> h5py.Dataset:
+    """``f[name]``, checked to be a dataset of ``ndim`` dimensions, a numpy kind in ``kinds`` and ``rows`` rows."""
+    data = f.get(name)
+    if not isinstance(data, h5py.Dataset):
+        raise _Bad(f"has no {name!r} dataset (it has {', '.join(f.keys()) or 'none'}): {REBUILD}")
+    if len(data.shape) != ndim:
+        raise _Bad(f"has a {name!r} dataset of shape {data.shape}, not {ndim}-D: {REBUILD}")
+    text = kinds == "OU"
+    if (text and h5py.check_string_dtype(data.dtype) is None) or data.dtype.kind not in kinds or (
+        kinds == "S" and data.dtype.itemsize != 64
+    ):
+        raise _Bad(f"has a {name!r} dataset of dtype {data.dtype}, not the one embedpipe writes: {REBUILD}")
+    if rows is not None and data.shape[0] != rows:
+        raise _Bad(f"has {data.shape[0]} rows of {name!r} but {rows} paths: {REBUILD}")
+    return data
+
+
+def _check_file(f: h5py.File, path: Path) -> dict[str, Any]:
+    """Schema of an opened export: its attributes, and every dataset's shape and dtype, all before any row is read.
+
+    Every dataset is bounded by the file's own size (embedpipe writes no compression), so a
+    file that declares more rows than it holds is refused before anything is allocated.
+
+    Returns:
+        The decoded attributes.
+    """
+    attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
+    _check_attrs(attrs)
+    n = _dataset(f, "paths", kinds="OU", ndim=1, rows=None).shape[0]
+    _dataset(f, "labels", kinds="iu", ndim=1, rows=n)
+    _dataset(f, "digests", kinds="S", ndim=1, rows=n)
+    if "split" in f:
+        _dataset(f, "split", kinds="OU", ndim=1, rows=n)
+    for output in attrs["outputs"]:
+        data = _dataset(f, dataset_name_for(output), kinds="f", ndim=2, rows=n)
+        if data.shape[1] != attrs["dims"][output]:
+            raise _Bad(f"has {data.shape[1]} columns of {dataset_name_for(output)!r} but dims says {attrs['dims'][output]}: {REBUILD}")
+    errors = _dataset(f, "errors/paths", kinds="OU", ndim=1, rows=None).shape[0]
+    _dataset(f, "errors/reasons", kinds="OU", ndim=1, rows=errors)
+    size = path.stat().st_size
+    for name, data in _datasets(f):
+        if data.size * data.dtype.itemsize > size:
+            raise _Bad(f"declares {data.size} values of {name!r}, more than its {size} bytes hold: {REBUILD}")
+    return attrs
+
+
+def _datasets(group: h5py.Group, prefix: str = "") -> list[tuple[str, h5py.Dataset]]:
+    found = []
+    for name, item in group.items():
+        if isinstance(item, h5py.Dataset):
+            found.append((prefix + name, item))
+        elif isinstance(item, h5py.Group):
+            found += _datasets(item, prefix + name + "/")
+    return found
+
+
+def _check_values(labels: np.ndarray, split: np.ndarray | None, classes: list[str]) -> None:
+    """Labels are -1 (unlabelled) or a class index; split names are train, val or test."""
+    if len(labels) and (labels.min() < -1 or labels.max() >= len(classes)):
+        raise _Bad(f"has labels from {labels.min()} to {labels.max()}, outside -1..{len(classes) - 1} "
+                   f"({len(classes)} class_names): {REBUILD}")
+    if split is not None and len(split):
+        unknown = sorted(set(np.unique(split).tolist()) - set(SPLITS))
+        if unknown:
+            raise _Bad(f"has split names {unknown[:3]} besides {', '.join(SPLITS)}: {REBUILD}")
+
+
+def check_export(f: h5py.File, path: str | Path) -> dict[str, Any]:
+    """Validate an opened export: attributes and their types, every dataset's shape and dtype, labels and splits.
+
+    The one schema check of the read side: :func:`read_export`, :func:`verify_export` and
+    ``cache ls`` call it. Reads only metadata and the small columns (labels, split).
+
+    Returns:
+        The decoded attributes.
+
+    Raises:
+        CacheError: one line naming the file, what is wrong with it and what to do.
+    """
     path = Path(path)
+    try:
+        attrs = _check_file(f, path)
+        split = f["split"].asstr()[:] if "split" in f else None
+        _check_values(f["labels"][:], split, attrs["class_names"])
+    except _Bad as problem:
+        raise CacheError(f"{path} {problem}") from None
+    return attrs
+
+
+def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype: Any = np.float32) -> Loaded:
+    """Read an exported file, validated first (:func:`check_export`) and its rows checked finite.
+
+    Raises:
+        CacheError: not an export, another format version, a schema the readers cannot trust,
+            non-finite embeddings, or unreadable bytes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CacheError(f"{path} is a folder, not an exported file: pass one of the .h5 files in it (see `embedpipe cache ls --cache-dir {path}`)")
     if not path.is_file():
         raise CacheError(f"{path} does not exist: pass a file printed by `embedpipe extract` (see `embedpipe cache ls`)")
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
-            _check_kind(path, attrs)
+            attrs = check_export(f, path)
             names = [dataset_name_for(o) for o in attrs["outputs"]] if outputs is None else list(outputs)
-            missing = [n for n in names if n not in f]
+            stored = [dataset_name_for(o) for o in attrs["outputs"]]
+            missing = [n for n in names if n not in stored]
             if missing:
-                raise CacheError(f"{path} has no {missing[0]!r} dataset (it has {', '.join(f.keys())}): pick one of those")
+                raise CacheError(f"{path} has no {missing[0]!r} output (it has {', '.join(stored)}): pick one of those")
             arrays = {name: f[name][:].astype(dtype) for name in names}
+            for name, array in arrays.items():
+                if not np.isfinite(array).all():
+                    row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+                    raise CacheError(f"{path} has non-finite {name} (first at row {row}): {REBUILD}")
             split = f["split"].asstr()[:] if "split" in f else None
             return Loaded(
                 arrays=arrays,
-                labels=f["labels"][:],
+                labels=f["labels"][:].astype(np.int64),
                 paths=list(f["paths"].asstr()[:]),
                 split=np.asarray(split) if split is not None else None,
-                digests=[d.decode() for d in f["digests"][:].tolist()],
+                digests=[d.decode("ascii", "replace") for d in f["digests"][:].tolist()],
                 attrs=attrs,
                 errors=list(zip(f["errors/paths"].asstr()[:], f["errors/reasons"].asstr()[:])),
             )
-    except OSError as error:
-        raise CacheError(f"{path} is not a readable HDF5 file ({error}): rerun `embedpipe extract` to rebuild it") from None
-
-
-def _check_kind(path: Path, attrs: dict[str, Any]) -> None:
-    if attrs.get("kind") != FILE_KIND:
-        raise CacheError(f"{path} is not an embedpipe embeddings file: pass a file printed by `embedpipe extract`")
-    if attrs.get("format_version") != CACHE_FORMAT:
-        raise CacheError(
-            f"{path} has cache format {attrs.get('format_version')}, this embedpipe reads {CACHE_FORMAT}: "
-            "rerun `embedpipe extract` to rebuild it"
-        )
+    except UNREADABLE as error:
+        raise CacheError(f"{path} is not a readable HDF5 file ({first_line(error)}): {REBUILD}") from None
 
 
 def verify_export(path: str | Path) -> list[str]:
     """Problems found in an exported file, reading every byte (checksums included); empty when sound."""
     path = Path(path)
-    problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
-            attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
             try:
-                _check_kind(path, attrs)
+                attrs = check_export(f, path)
             except CacheError as error:
-                return [str(error)]
-            n = f["paths"].shape[0]
-            for name in ["labels", "digests", *[dataset_name_for(o) for o in attrs["outputs"]]] + (["split"] if "split" in f else []):
-                if name not in f:
-                    problems.append(f"missing dataset {name!r}")
-                    continue
-                if f[name].shape[0] != n:
-                    problems.append(f"{name} has {f[name].shape[0]} rows, paths has {n}")
+                return [str(error).removeprefix(f"{path} ")]
+            problems: list[str] = []
             for output in attrs["outputs"]:
                 data = f[dataset_name_for(output)]
                 for start in range(0, data.shape[0], CHUNK_ROWS):
@@ -218,12 +347,8 @@ def verify_export(path: str | Path) -> list[str]:
                     if not np.isfinite(block).all():
                         problems.append(f"{dataset_name_for(output)} has non-finite values near row {start}")
                         break
-            classes = attrs.get("class_names") or []
-            labels = f["labels"][:]
-            if len(labels) and (labels.max() >= max(len(classes), 0) or labels.min() < -1):
-                problems.append(f"labels outside 0..{len(classes) - 1}")
-    except (OSError, KeyError) as error:
-        problems.append(f"unreadable: {error}")
-    return problems
-
-
+            for name in ("paths", "digests", "errors/paths", "errors/reasons"):
+                f[name][...]
+            return problems
+    except UNREADABLE as error:
+        return [f"unreadable: {first_line(error)}"]

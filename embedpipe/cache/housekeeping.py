@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import sha256_file
 from ..errors import CacheError
-from .export import read_export, verify_export
-from .layout import FILE_KIND, SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, read_attrs, visible_h5
+from .export import UNREADABLE, check_export, first_line, read_export, verify_export
+from .layout import SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, read_attrs, visible_h5
 from .store import shard_rows
 
 
@@ -69,23 +69,28 @@ def remove_tmp_files(cache_dir: str | Path) -> int:
     return count
 
 
+def _describe_export(path: Path) -> dict[str, Any]:
+    """One ``cache ls`` row: what the file holds, or the one-line reason it cannot be used."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = check_export(f, path)
+    except CacheError as error:
+        return {"path": str(path), "error": str(error).removeprefix(f"{path} ")}
+    except UNREADABLE as error:
+        return {"path": str(path), "error": f"not a readable HDF5 file ({first_line(error)})"}
+    return {
+        "path": str(path),
+        "dataset": attrs["dataset"].get("root", ""),
+        "backbone": attrs.get("backbone"),
+        "rows": attrs["dataset"].get("num_images"),
+        "dims": attrs["dims"],
+        "bytes": path.stat().st_size,
+    }
+
+
 def cache_list(cache_dir: str | Path = "cache") -> dict[str, list[dict[str, Any]]]:
-    """Exported files and stores in a cache folder, as plain dicts."""
-    exports = []
-    for path, attrs in list_exports(cache_dir):
-        if attrs is None or attrs.get("kind") != FILE_KIND:
-            exports.append({"path": str(path), "error": "not a readable embedpipe file"})
-            continue
-        exports.append(
-            {
-                "path": str(path),
-                "dataset": (attrs.get("dataset") or {}).get("root", ""),
-                "backbone": attrs.get("backbone"),
-                "rows": (attrs.get("dataset") or {}).get("num_images"),
-                "dims": attrs.get("dims"),
-                "bytes": path.stat().st_size,
-            }
-        )
+    """Exported files and stores in a cache folder, as plain dicts; a file that fails :func:`check_export` is a row with its error."""
+    exports = [_describe_export(path) for path in visible_h5(Path(cache_dir))]
     stores = [
         {
             "path": str(root),
@@ -128,7 +133,11 @@ def cache_verify(target: str | Path, *, check_files: bool = False) -> list[str]:
         problems += [f"{file}: {p}" for p in verify_export(file)]
         if check_files and not problems:
             loaded = read_export(file, outputs=[])
-            root = Path(loaded.attrs["dataset"]["root"])
+            root_text = loaded.attrs["dataset"].get("root")
+            if not isinstance(root_text, str):
+                problems.append(f"{file}: its dataset attribute names no root folder, so its images cannot be checked")
+                continue
+            root = Path(root_text)
             root = root.parent if root.is_file() else root
             for rel, digest in zip(loaded.paths, loaded.digests):
                 source = root / rel

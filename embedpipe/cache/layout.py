@@ -77,5 +77,5 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
     try:
         with h5py.File(path, "r") as f:
             return {k: decode_attr(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError, ValueError, UnicodeDecodeError):  # what h5py raises on damaged bytes
         return None

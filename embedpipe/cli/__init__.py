@@ -17,7 +17,7 @@ import click
 
 from ..config import AUGMENTS, MONITORS, SCHEDULES, FineTuneConfig
 from ..examples import EXAMPLES
-from .options import backbone_options, backbone_spec, handle_errors, progress_factory, run_config
+from .options import FRACTION, POSITIVE, backbone_options, backbone_spec, handle_errors, progress_factory, run_config
 
 logger = logging.getLogger("embedpipe")
 
@@ -41,8 +41,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @cli.command()
 @click.argument("source", type=click.Path())
 @backbone_options
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
-@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--val-fraction", type=FRACTION, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record an undecodable image in the ledger and go on.")
@@ -134,20 +134,20 @@ def _print_metrics(metrics: dict[str, dict[str, Any]]) -> None:
 @click.argument("embeddings", type=click.Path())
 @click.option("--head", "kind", type=click.Choice(["logreg", "mlp", "knn"]), default="logreg", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Folder to save the head to.")
-@click.option("--shots", type=int, default=None, help="Train on K images per class (few-shot).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Few-shot sampling seed.")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="Train on K images per class (few-shot).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Few-shot sampling seed.")
 @click.option("--output", default="embeddings", show_default=True, help="Stored output to train on (embeddings, logits, stageN).")
-@click.option("--cs", type=int, default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
+@click.option("--cs", type=click.IntRange(min=1), default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
 @click.option("--normalize", type=click.Choice(["standard", "l2", "none"]), default=None, help="logreg: feature normalisation [standard].")
 @click.option("--solver", type=click.Choice(["torch", "sklearn"]), default=None, help="logreg: L-BFGS in torch or scikit-learn [torch].")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes inversely to their frequency.")
-@click.option("--hidden", type=int, default=None, help="mlp: hidden width.")
-@click.option("--dropout", type=float, default=None, help="mlp: dropout.")
-@click.option("--weight-decay", type=float, default=None, help="mlp: AdamW weight decay.")
-@click.option("--lr", type=float, default=None, help="mlp: learning rate.")
-@click.option("--max-epochs", type=int, default=None, help="mlp: epoch cap (early stopping usually ends sooner).")
-@click.option("--patience", type=int, default=None, help="mlp: epochs without validation improvement before stopping.")
-@click.option("--k", type=int, default=None, help="knn: neighbours (default: chosen on validation).")
+@click.option("--hidden", type=click.IntRange(min=1), default=None, help="mlp: hidden width.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="mlp: dropout.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=None, help="mlp: AdamW weight decay.")
+@click.option("--lr", type=POSITIVE, default=None, help="mlp: learning rate.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=None, help="mlp: epoch cap (early stopping usually ends sooner).")
+@click.option("--patience", type=click.IntRange(min=0), default=None, help="mlp: epochs without validation improvement before stopping.")
+@click.option("--k", type=click.IntRange(min=1), default=None, help="knn: neighbours (default: chosen on validation).")
 @click.option("--head-device", default=None, help="Device for torch heads (auto: GPU when there is one).")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
@@ -202,13 +202,13 @@ def evaluate(head: str, embeddings: str, split: str | None, as_json: bool) -> No
 @cli.command()
 @click.argument("head", type=click.Path())
 @click.argument("source", type=click.Path())
-@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Write predictions to .csv or .json.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory.")
-@click.option("--workers", type=int, default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=None)
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 @handle_errors
@@ -278,9 +278,9 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
               help="Also train each architecture from random init on each label budget (needs the fine-tune stage).")
 @click.option("--finetune-run", "finetune_runs", multiple=True, type=click.Path(file_okay=False),
               help="A fine-tune run folder (metrics.jsonl, summary.json) to show in the report; repeatable.")
-@click.option("--cs", type=int, default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
-@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--cs", type=click.IntRange(min=1), default=None, help="logreg: number of C values on the 1e-6..1e5 grid [45].")
+@click.option("--val-fraction", type=FRACTION, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and failure records as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the table.")
@@ -380,33 +380,33 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
               help="Start the classifier from a logreg head fitted on this backbone's embeddings (LP-FT).")
 @click.option("--unfreeze", default=FineTuneConfig.unfreeze, show_default=True,
               help="What trains after the head phase: none, top:K (last K of timm's layer groups) or all.")
-@click.option("--head-epochs", type=int, default=FineTuneConfig.head_epochs, show_default=True, help="Phase 1: epochs with the backbone frozen.")
-@click.option("--epochs", type=int, default=FineTuneConfig.epochs, show_default=True, help="Phase 2: epochs with --unfreeze layers training.")
-@click.option("--lr", type=float, default=FineTuneConfig.lr, show_default=True, help="AdamW LR of the backbone's top layer group.")
-@click.option("--head-lr-mult", type=float, default=FineTuneConfig.head_lr_mult, show_default=True, help="Classifier LR = lr x this.")
-@click.option("--layer-decay", type=float, default=FineTuneConfig.layer_decay, show_default=True,
+@click.option("--head-epochs", type=click.IntRange(min=0), default=FineTuneConfig.head_epochs, show_default=True, help="Phase 1: epochs with the backbone frozen.")
+@click.option("--epochs", type=click.IntRange(min=0), default=FineTuneConfig.epochs, show_default=True, help="Phase 2: epochs with --unfreeze layers training.")
+@click.option("--lr", type=POSITIVE, default=FineTuneConfig.lr, show_default=True, help="AdamW LR of the backbone's top layer group.")
+@click.option("--head-lr-mult", type=POSITIVE, default=FineTuneConfig.head_lr_mult, show_default=True, help="Classifier LR = lr x this.")
+@click.option("--layer-decay", type=click.FloatRange(0, 1, min_open=True), default=FineTuneConfig.layer_decay, show_default=True,
               help="LR x decay**depth for lower layer groups (0.65-0.75 suits ViTs; 1 = off).")
-@click.option("--weight-decay", type=float, default=FineTuneConfig.weight_decay, show_default=True, help="AdamW weight decay (not on biases/norms).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=FineTuneConfig.weight_decay, show_default=True, help="AdamW weight decay (not on biases/norms).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=FineTuneConfig.schedule, show_default=True,
               help="LR decay after warmup, restarted at each phase.")
-@click.option("--warmup", type=float, default=FineTuneConfig.warmup, show_default=True, help="Epochs of linear LR warmup per phase.")
+@click.option("--warmup", type=click.FloatRange(min=0), default=FineTuneConfig.warmup, show_default=True, help="Epochs of linear LR warmup per phase.")
 @click.option("--schedule-unit", type=click.Choice(["step", "epoch"]), default=FineTuneConfig.schedule_unit, show_default=True,
               help="Update the LR every optimizer step or once per epoch.")
-@click.option("--step-every", type=int, default=FineTuneConfig.step_every, show_default=True, help="step schedule: epochs between decays.")
-@click.option("--step-gamma", type=float, default=FineTuneConfig.step_gamma, show_default=True, help="step schedule: LR factor per decay.")
-@click.option("--exp-gamma", type=float, default=FineTuneConfig.exp_gamma, show_default=True, help="exp schedule: LR factor per epoch.")
+@click.option("--step-every", type=click.IntRange(min=1), default=FineTuneConfig.step_every, show_default=True, help="step schedule: epochs between decays.")
+@click.option("--step-gamma", type=POSITIVE, default=FineTuneConfig.step_gamma, show_default=True, help="step schedule: LR factor per decay.")
+@click.option("--exp-gamma", type=POSITIVE, default=FineTuneConfig.exp_gamma, show_default=True, help="exp schedule: LR factor per epoch.")
 @click.option("--train-bn", is_flag=True, help="Update BatchNorm statistics in unfrozen layers (default: inference mode).")
 @click.option("--augment", type=click.Choice(AUGMENTS), default=FineTuneConfig.augment, show_default=True,
               help="standard: random resized crop (>= 50%) + flip; strong: crop (>= 25%) + flip + RandAugment.")
-@click.option("--accum-steps", type=int, default=FineTuneConfig.accum_steps, show_default=True, help="Gradient accumulation steps.")
+@click.option("--accum-steps", type=click.IntRange(min=1), default=FineTuneConfig.accum_steps, show_default=True, help="Gradient accumulation steps.")
 @click.option("--monitor", type=click.Choice(MONITORS), default=FineTuneConfig.monitor, show_default=True)
-@click.option("--patience", type=int, default=FineTuneConfig.patience, show_default=True, help="Epochs without improvement before a phase stops.")
-@click.option("--seed", type=int, default=FineTuneConfig.seed, show_default=True)
+@click.option("--patience", type=click.IntRange(min=0), default=FineTuneConfig.patience, show_default=True, help="Epochs without improvement before a phase stops.")
+@click.option("--seed", type=click.IntRange(min=0), default=FineTuneConfig.seed, show_default=True)
 @click.option("--shots", type=click.IntRange(min=1), default=None,
               help="Train on K labelled images per class, chosen by --seed as fit-head --shots does [default: all].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Split made when the data has none.")
-@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--val-fraction", type=FRACTION, default=0.1, show_default=True, help="Split made when the data has none.")
+@click.option("--test-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the table.")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from ..config import DEFAULT_BACKBONE, BackboneSpec, RunConfig
+from ..config import DEFAULT_BACKBONE, IMAGE_CHANNELS, INTERPOLATIONS, MAX_INPUT_SIZE, BackboneSpec, RunConfig
 from ..errors import EmbedpipeError
 
 
@@ -67,15 +68,16 @@ def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Storage dtype of the embeddings."),
         click.option("--output", "outputs", multiple=True, default=("embedding",), show_default=True,
                      help="What to store: embedding (pooled pre-logits), logits, stageN; repeatable."),
-        click.option("--img-size", type=int, default=None, help="Override the input size (square)."),
-        click.option("--crop-pct", type=float, default=None, help="Override the centre-crop fraction."),
-        click.option("--interpolation", default=None, help="Override the resize interpolation (bicubic, bilinear...)."),
-        click.option("--mean", default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
-        click.option("--std", default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
+        click.option("--img-size", type=click.IntRange(1, MAX_INPUT_SIZE), default=None, help="Override the input size (square)."),
+        click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Override the centre-crop fraction, in (0, 1]."),
+        click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None, help="Override the resize interpolation."),
+        click.option("--mean", type=CHANNEL_VALUES, default=None, help="Override the normalisation mean, e.g. 0.5,0.5,0.5."),
+        click.option("--std", type=CHANNEL_VALUES_POSITIVE, default=None, help="Override the normalisation std, e.g. 0.5,0.5,0.5."),
         click.option("--no-jpeg-draft", is_flag=True, help="Decode JPEGs at full size even when much larger than needed."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory."),
-        click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: by device]."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader decode workers [default: by device]."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone."),
         click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format."),
     ]
@@ -84,13 +86,34 @@ def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+FRACTION = click.FloatRange(0, 1, max_open=True)  # a share of the images: --val-fraction, --test-fraction
+POSITIVE = click.FloatRange(0, min_open=True)  # learning rates and decay factors
+
+
+class ChannelValues(click.ParamType):
+    """One finite number per RGB channel, comma-separated: ``0.5,0.5,0.5``."""
+
+    name = "R,G,B"
+
+    def __init__(self, *, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers, e.g. 0.5,0.5,0.5", param, ctx)
+        if len(numbers) != IMAGE_CHANNELS:
+            self.fail(f"{value!r} has {len(numbers)} values; images are RGB, so give {IMAGE_CHANNELS}, e.g. 0.5,0.5,0.5", param, ctx)
+        if not all(math.isfinite(v) for v in numbers) or (self.positive and min(numbers) <= 0):
+            self.fail(f"{value!r} must be {'positive' if self.positive else 'finite'} numbers, e.g. 0.5,0.5,0.5", param, ctx)
+        return numbers
+
+
+CHANNEL_VALUES = ChannelValues()
+CHANNEL_VALUES_POSITIVE = ChannelValues(positive=True)
 
 
 def backbone_spec(kw: dict[str, Any]) -> Any:
@@ -99,8 +122,8 @@ def backbone_spec(kw: dict[str, Any]) -> Any:
         "input_size": kw.pop("img_size"),
         "crop_pct": kw.pop("crop_pct"),
         "interpolation": kw.pop("interpolation"),
-        "mean": _floats(kw.pop("mean")),
-        "std": _floats(kw.pop("std")),
+        "mean": kw.pop("mean"),
+        "std": kw.pop("std"),
     }
     if kw.pop("no_jpeg_draft"):
         preprocess["jpeg_draft"] = False

@@ -51,7 +51,8 @@ from ..inference import _AUTOCAST_DTYPES, DECODE_ERRORS, default_batch_size, def
 from ..machine import PeakMemory
 from ..preprocess import decode_image, eval_transform, normalize, resize_target
 from .recipe import layer_groups, lr_factor, param_groups, plan_phases, set_lr, set_train_mode, set_trainable
-from .rundir import BEST_FILE, LAST_FILE, STATE_FORMAT, STATE_VERSION, load_tensors, save_tensors, write_metrics
+from .rundir import (BEST_FILE, LAST_FILE, STATE_FORMAT, STATE_VERSION, check_run_state, check_state_dict, is_best_record, load_tensors,
+                     save_tensors, write_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ class Trainer:
 
     def _restore_best(self) -> None:
         tensors, _ = load_tensors(self.out / BEST_FILE)
+        check_state_dict(tensors, self.model.state_dict(), self.out / BEST_FILE)
         self.model.load_state_dict(tensors, strict=True)
 
     def _save_last(self) -> None:
@@ -365,14 +367,17 @@ class Trainer:
                 f"{self.out / LAST_FILE} is not a run state this embedpipe reads "
                 f"(format {meta.get('format')} {meta.get('format_version')}): start a new run with another --out"
             )
-        theirs = meta.get("identity", {})
+        check_run_state(meta, self.out / LAST_FILE, phases=len(self.phases))
+        theirs = meta["identity"]
         differs = [k for k in self.identity if theirs.get(k) != self.identity[k]]
         if differs:
             raise FineTuneError(
                 f"the run in {self.out} was started with other {', '.join(differs)}: "
                 "resume with the same options and data, or start a new run with another --out"
             )
-        self.model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+        weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        check_state_dict(weights, self.model.state_dict(), self.out / LAST_FILE)
+        self.model.load_state_dict(weights, strict=True)
         state = meta["state"]
         self.history, self.initial, self.best = state["history"], state["initial"], state["best"]
         self.phase_index, self.phase_epoch = state["phase_index"], state["phase_epoch"]
@@ -381,8 +386,9 @@ class Trainer:
         self.skipped = dict(state.get("skipped", {}))
         # A kill between writing best.safetensors and last.safetensors leaves a newer best: adopt it.
         _, best_meta = load_tensors(self.out / BEST_FILE)
-        if best_meta.get("best", {}).get("epoch", 0) > self.best.get("epoch", 0):
-            self.best = best_meta["best"]
+        newer = best_meta.get("best")
+        if is_best_record(newer) and newer and newer.get("epoch", 0) > self.best.get("epoch", 0):
+            self.best = newer
         meta["tensors"] = {k: v for k, v in tensors.items() if k.startswith("optim/")}
         return meta
 
@@ -395,14 +401,24 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.layers, self.config), lr=self.config.lr)
         if saved is not None:
             state: dict[int, dict[str, Any]] = {}
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            where = self.out / LAST_FILE
             for key, tensor in saved["tensors"].items():
-                _, index, field_name = key.split("/", 2)
+                _, index, field_name = (key.split("/", 2) + ["", ""])[:3]
+                if not index.isdigit() or int(index) >= len(params) or (
+                        tensor.dim() and tensor.shape != params[int(index)].shape):
+                    raise FineTuneError(f"{where} holds optimizer tensor {key} {tuple(tensor.shape)}, which fits no "
+                                        "trainable parameter: start a new run with another --out")
                 state.setdefault(int(index), {})[field_name] = tensor
             for index, values in saved["optimizer"]["state"].items():
                 state.setdefault(int(index), {}).update(values)
-            self.optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
-            if saved["scaler"]:
-                self.scaler.load_state_dict(saved["scaler"])
+            try:
+                self.optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
+                if saved["scaler"]:
+                    self.scaler.load_state_dict(saved["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise FineTuneError(f"{where} holds an optimizer state this run cannot take ({type(error).__name__}: "
+                                    f"{str(error).splitlines()[0] if str(error) else ''}): start a new run with another --out") from None
 
     # ----------------------------------------------------------------- the run
 

@@ -63,25 +63,142 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, json_bytes(data))
 
 
+CHECKSUM_KEY = "sha256"  # header entry: digest of every tensor and the rest of the header
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> str:
+    """sha256 over the header's JSON strings and each tensor's name, dtype, shape and bytes (sorted by name)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != CHECKSUM_KEY}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """A safetensors file whose header carries ``metadata`` (each value JSON-encoded), written atomically."""
+    """A safetensors file whose header carries ``metadata`` (each value JSON-encoded) and a checksum, written atomically."""
     from safetensors.torch import save
 
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, save(plain, metadata={k: json.dumps(v, default=jsonable) for k, v in metadata.items()}))
+    header = {k: json.dumps(v, default=jsonable) for k, v in metadata.items()}
+    header[CHECKSUM_KEY] = json.dumps(tensors_digest(plain, header))
+    atomic_write(path, save(plain, metadata=header))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by :func:`save_tensors`: ``(tensors, metadata)``; never unpickles."""
+    """Read a file written by :func:`save_tensors`: ``(tensors, metadata)``; never unpickles.
+
+    Raises:
+        FineTuneError: unreadable, or changed since it was written (a checksum that does not match).
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-        return load_file(str(path)), {k: json.loads(v) for k, v in raw.items()}
+        tensors = load_file(str(path))
+        metadata = {k: json.loads(v) for k, v in raw.items()}
     except Exception as error:  # safetensors raises its own errors, OS and JSON ones
-        raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error}): start a new run with another --out") from None
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise FineTuneError(f"{path} is not a readable checkpoint ({type(error).__name__}: {message}): start a new run with another --out") from None
+    stored = metadata.pop(CHECKSUM_KEY, None)  # checkpoints written before checksums have none
+    if stored is not None and stored != tensors_digest(tensors, raw):
+        raise FineTuneError(f"{path} changed since it was written (its checksum does not match): start a new run with another --out")
+    return tensors, metadata
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_state_dict(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: Path) -> None:
+    """Refuse a checkpoint whose tensors are not the model's: other names, shapes, dtypes, or non-finite values.
+
+    Raises:
+        FineTuneError: one line naming the first tensor that does not fit.
+    """
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        which = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the model does not"
+        raise FineTuneError(f"{where} {which} ({len(missing)} missing, {len(extra)} unknown tensors): start a new run with another --out")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise FineTuneError(f"{where} holds {name} as {tensor.dtype} {tuple(tensor.shape)}, the model's is "
+                                f"{want.dtype} {tuple(want.shape)}: start a new run with another --out")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FineTuneError(f"{where} holds NaN or infinite values in {name}: start a new run with another --out")
+
+
+_STATE_TYPES = {  # run-state field -> the check its value must pass
+    "history": lambda v: isinstance(v, list) and all(_is_record(r) for r in v),
+    "initial": lambda v: v is None or (isinstance(v, dict) and _number(v.get("val_loss")) and _number(v.get("val_acc"))),
+    "best": lambda v: is_best_record(v),
+    "phase_index": _whole, "phase_epoch": _whole, "bad_epochs": _whole, "step": _whole,
+    "phase_finished": lambda v: isinstance(v, bool),
+    "memory": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(n) for k, n in v.items()),
+    "phase_log": lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("phase"), str)
+                                                       and _number(r.get("peak_memory_bytes")) for r in v),
+    "elapsed": _number,
+    "skipped": lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(r, str) for k, r in v.items()),
+}
+
+
+def is_best_record(value: Any) -> bool:
+    """A run's ``best``: empty, or its epoch, phase, val_loss and val_acc."""
+    return isinstance(value, dict) and (not value or (_whole(value.get("epoch")) and isinstance(value.get("phase"), str)
+                                                      and _number(value.get("val_loss")) and _number(value.get("val_acc"))))
+
+
+def _is_record(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("phase"), str) and _whole(record.get("epoch"))
+            and all(_number(record.get(k)) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "head_lr", "seconds"))
+            and isinstance(record.get("improved"), bool))
+
+
+def _is_metrics_line(record: Any) -> bool:
+    """A ``metrics.jsonl`` line as readers take it: an object whose fields, those present, have their types."""
+    if not isinstance(record, dict):
+        return False
+    checks = {"phase": lambda v: isinstance(v, str), "epoch": _whole, "improved": lambda v: isinstance(v, bool)}
+    return all(checks.get(k, lambda v: v is None or _number(v))(record[k]) for k in METRIC_KEYS if k in record)
+
+
+def check_run_state(meta: dict[str, Any], where: Path, *, phases: int) -> None:
+    """Refuse a ``last.safetensors`` header the loop could not resume from: every field it reads, with its type.
+
+    Args:
+        meta: the header's metadata (:func:`load_tensors`), format already checked.
+        phases: how many phases this run's config plans (``phase_index`` must not pass it).
+
+    Raises:
+        FineTuneError: one line naming the first field that does not fit.
+    """
+    state = meta.get("state")
+    if not isinstance(meta.get("identity"), dict) or not isinstance(state, dict):
+        raise FineTuneError(f"{where} has no identity or state object in its header: start a new run with another --out")
+    for name, check in _STATE_TYPES.items():
+        if name == "skipped" and name not in state:
+            continue  # older runs did not record skipped images
+        if name not in state or not check(state[name]):
+            raise FineTuneError(f"{where} has a run state whose {name!r} is missing or of the wrong type: start a new run with another --out")
+    if state["phase_index"] > phases or len(state["history"]) > 100_000:
+        raise FineTuneError(f"{where} is at phase {state['phase_index']} of a run with {phases}: start a new run with another --out")
+    optimizer = meta.get("optimizer")
+    if (not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list)
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"])
+            or not isinstance(optimizer.get("state"), dict)
+            or not all(isinstance(v, dict) and str(k).isdigit() for k, v in optimizer["state"].items())
+            or not isinstance(meta.get("scaler"), dict)):
+        raise FineTuneError(f"{where} has no optimizer state and gradient scaler in its header: start a new run with another --out")
 
 
 def write_metrics(out: Path, history: Sequence[dict[str, Any]]) -> None:
@@ -148,10 +265,26 @@ def read_run(folder: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         FineTuneError: the folder lacks them or they are unreadable.
     """
     folder = Path(folder)
+    hint = f"pass a folder written by `embedpipe fine-tune --out` ({METRICS_JSONL} and {SUMMARY_FILE})"
     try:
         epochs = [json.loads(line) for line in (folder / METRICS_JSONL).read_text().splitlines() if line.strip()]
         summary = json.loads((folder / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise FineTuneError(f"{folder} is not a readable fine-tune run ({error}): pass a folder written by "
-                            f"`embedpipe fine-tune --out` ({METRICS_JSONL} and {SUMMARY_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise FineTuneError(f"{folder} is not a readable fine-tune run ({error}): {hint}") from None
+    bad = next((i for i, record in enumerate(epochs) if not _is_metrics_line(record)), None)
+    if bad is not None:
+        raise FineTuneError(f"{folder / METRICS_JSONL} line {bad + 1} is not an epoch record ({', '.join(METRIC_KEYS)}): {hint}")
+    if not isinstance(summary, dict):
+        raise FineTuneError(f"{folder / SUMMARY_FILE} is not a JSON object: {hint}")
+    typed = {"best_epoch": lambda v: v is None or _whole(v), "seconds": lambda v: v is None or _number(v),
+             "peak_memory_bytes": lambda v: v is None or _number(v), "stop_reason": lambda v: v is None or isinstance(v, str),
+             "test": lambda v: v is None or isinstance(v, dict), "val": lambda v: v is None or isinstance(v, dict),
+             "initial": lambda v: v is None or isinstance(v, dict), "best": lambda v: v is None or isinstance(v, dict)}
+    wrong = next((k for k, check in typed.items() if not check(summary.get(k))), None)
+    if wrong is not None:
+        raise FineTuneError(f"{folder / SUMMARY_FILE} has a {wrong!r} of the wrong type ({summary[wrong]!r:.40}): {hint}")
+    for split in ("test", "val"):
+        metrics = summary.get(split) or {}
+        if not all(_number(metrics.get(k)) or metrics.get(k) is None for k in ("accuracy", "balanced_accuracy", "macro_f1", "n")):
+            raise FineTuneError(f"{folder / SUMMARY_FILE} has {split} metrics that are not numbers: {hint}")
     return epochs, summary

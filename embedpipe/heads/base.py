@@ -26,6 +26,11 @@ from ..machine import available_cores, resolve_device
 # change that an older reader would misread.
 STATE_FORMAT = 1
 
+# Bounds on a saved head's state, checked before anything is allocated from it.
+MAX_FEATURES = 1 << 17  # 131072: 16x the widest pooled timm embedding
+MAX_CLASSES = 1 << 16
+_SAFE_LABEL_KINDS = "iufU"  # what classes_dtype may be (besides "object"): numbers and unicode
+
 # Input dtypes kept as they are; anything else (float16 caches, ints) becomes float32, the first:
 # embeddings carry no float64 precision, and a float64 copy of a large cache would double its memory.
 _FLOATS = [np.float32, np.float64]
@@ -309,9 +314,16 @@ class Head(ClassifierMixin, BaseEstimator):
     def from_state(cls: type[H], arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> H:
         """Rebuild a fitted head from :meth:`get_state`'s output; ``predict`` then gives identical results.
 
+        Everything is checked before it is used: the meta's keys and types, the parameters the
+        class takes, and each array's dtype, shape (against ``n_features_in`` and the classes)
+        and finiteness.
+
         Raises:
-            HeadError: ``meta`` is of another format version or describes another head.
+            HeadError: ``meta`` is of another format version, describes another head, or does
+                not fit its arrays (one line saying which part).
         """
+        if not isinstance(meta, Mapping):
+            raise HeadError(f"head state is a {type(meta).__name__}, not a mapping: save what get_state() returns")
         if meta.get("format") != STATE_FORMAT:
             raise HeadError(
                 f"head state has format {meta.get('format')!r}, this embedpipe reads format {STATE_FORMAT}: "
@@ -322,12 +334,16 @@ class Head(ClassifierMixin, BaseEstimator):
         missing = {"params", "classes", "classes_dtype", "n_features_in", "fitted"} - set(meta)
         if missing:
             raise HeadError(f"head state lacks {sorted(missing)}: save what get_state() returns, all of it")
+        classes = _check_state_meta(cls, meta)
         params = {name: _from_json(value) for name, value in meta["params"].items()}
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if isinstance(parameter.default, tuple) and isinstance(params.get(name), list):
                 params[name] = tuple(params[name])  # JSON has no tuples
+        unknown = set(params) - set(cls._get_param_names())
+        if unknown:
+            raise HeadError(f"head state has parameters {sorted(unknown)} that {cls.__name__} does not take: refit the head")
         head = cls(**params)
-        head.classes_ = np.asarray(meta["classes"], dtype=meta["classes_dtype"])
+        head.classes_ = classes
         head.n_features_in_ = int(meta["n_features_in"])
         for name, value in meta["fitted"].items():
             setattr(head, name, _from_json(value))
@@ -336,4 +352,60 @@ class Head(ClassifierMixin, BaseEstimator):
             if name.rstrip("_") in rest:
                 setattr(head, name, np.asarray(rest.pop(name.rstrip("_"))))
         head._restore_extra_arrays(rest)
+        device, n_jobs = getattr(head, "device", "cpu"), getattr(head, "n_jobs", None)
+        if not isinstance(device, str) or not (n_jobs is None or (isinstance(n_jobs, int) and not isinstance(n_jobs, bool))):
+            raise HeadError(f"head state's device {device!r} or n_jobs {n_jobs!r} is not a device name and a thread count: refit the head")
+        head._check_state()
         return head
+
+    # --- checks of a restored state ------------------------------------------------------
+
+    def _check_state(self) -> None:
+        """Refuse a restored state that ``predict`` could not use; subclasses check their own arrays and values."""
+
+    def _expect_array(self, name: str, shape: tuple[int, ...], *, kinds: str = "f") -> np.ndarray:
+        """The fitted array ``name``, checked to be numeric of a kind in ``kinds``, of ``shape`` and finite."""
+        array = getattr(self, name, None)
+        if not isinstance(array, np.ndarray):
+            raise HeadError(f"head state has no {name.rstrip('_')!r} array: refit the head")
+        if array.dtype.kind not in kinds:
+            raise HeadError(f"head state's {name.rstrip('_')!r} array is {array.dtype}, not a {'float' if kinds == 'f' else 'integer'} array: refit the head")
+        if array.shape != shape:
+            raise HeadError(
+                f"head state's {name.rstrip('_')!r} array has shape {array.shape}, but {len(self.classes_)} classes and "
+                f"{self.n_features_in_} features need {shape}: refit the head"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise HeadError(f"head state's {name.rstrip('_')!r} array holds NaN or infinite values: refit the head")
+        return array
+
+
+def _check_state_meta(cls: type, meta: Mapping[str, Any]) -> np.ndarray:
+    """The types in a state's meta, and its classes as an array (bounded before it is built)."""
+    if not isinstance(meta["params"], dict) or not isinstance(meta["fitted"], dict):
+        raise HeadError("head state's params and fitted values must be JSON objects: refit the head")
+    unknown = set(meta["fitted"]) - set(cls._state_values)
+    if unknown:
+        raise HeadError(f"head state has fitted values {sorted(unknown)} that {cls.__name__} does not store: refit the head")
+    n_features = meta["n_features_in"]
+    if not isinstance(n_features, int) or isinstance(n_features, bool) or not 1 <= n_features <= MAX_FEATURES:
+        raise HeadError(f"head state's n_features_in {n_features!r} is not a width from 1 to {MAX_FEATURES}: refit the head")
+    labels = meta["classes"]
+    if (not isinstance(labels, list) or not 2 <= len(labels) <= MAX_CLASSES
+            or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in labels)):
+        raise HeadError(f"head state's classes must be a list of 2 to {MAX_CLASSES} labels: refit the head")
+    dtype_text = meta["classes_dtype"]
+    try:
+        dtype = np.dtype(dtype_text) if dtype_text != "object" else np.dtype(object)
+    except TypeError:
+        dtype = None
+    if not isinstance(dtype_text, str) or dtype is None or (dtype.kind not in _SAFE_LABEL_KINDS + "O") or dtype.itemsize > 4096:
+        raise HeadError(f"head state's classes_dtype {dtype_text!r} is not a label dtype (numbers, text): refit the head")
+    try:
+        classes = np.asarray(labels, dtype=dtype)
+        repeated = len(np.unique(classes)) != len(classes)
+    except (TypeError, ValueError, OverflowError):
+        raise HeadError(f"head state's classes do not fit their dtype {dtype_text!r}: refit the head") from None
+    if repeated or (classes.dtype.kind == "f" and not np.isfinite(classes).all()):
+        raise HeadError("head state's classes repeat or are not finite: refit the head")
+    return classes

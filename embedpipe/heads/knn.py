@@ -187,6 +187,21 @@ class KNNHead(Head):
         logger.debug("kNN validation accuracy by k: %s; chose k=%d", self.val_scores_, best)
         return best
 
+    def _check_state(self) -> None:
+        features = getattr(self, "features_", None)
+        rows = features.shape[0] if isinstance(features, np.ndarray) and features.ndim == 2 else 0
+        if rows < 1:
+            raise HeadError("head state has no 'features' array of stored rows (n, D): refit the head")
+        self._expect_array("features_", (rows, self.n_features_in_))
+        labels = self._expect_array("labels_", (rows,), kinds="iu")
+        if labels.min() < 0 or labels.max() >= len(self.classes_):
+            raise HeadError(f"head state's labels are outside 0..{len(self.classes_) - 1}: refit the head")
+        k = getattr(self, "k_", None)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= rows:
+            raise HeadError(f"head state's k {k!r} is not a number of neighbours from 1 to {rows}: refit the head")
+        if not isinstance(self.temperature, (int, float)) or not 0 < self.temperature < float("inf"):
+            raise HeadError(f"head state's temperature {self.temperature!r} is not a positive number: refit the head")
+
     def _proba(self, X: np.ndarray) -> np.ndarray:
         device = torch_device(self.device)
         with torch_threads(self.n_jobs), torch.inference_mode():

@@ -227,6 +227,17 @@ class LogisticProbe(Head):
             Z = F.normalize(Z, dim=1)
         return Z.to(torch.float32) if on_torch else Z
 
+    def _check_state(self) -> None:
+        if self.normalize not in ("standard", "l2", "none"):
+            raise HeadError(f"head state's normalize {self.normalize!r} is not standard, l2 or none: refit the head")
+        rows, width = (1 if len(self.classes_) == 2 else len(self.classes_)), self.n_features_in_
+        self._expect_array("coef_", (rows, width))
+        self._expect_array("intercept_", (rows,))
+        if self.normalize == "standard":
+            self._expect_array("mean_", (width,))
+            if not self._expect_array("scale_", (width,)).all():
+                raise HeadError("head state's 'scale' array has zeros, which would divide by zero: refit the head")
+
     def _transform(self, X: np.ndarray) -> np.ndarray:
         """``X`` ``(n, D)`` in the space ``coef_`` applies to."""
         if self.normalize == "standard":

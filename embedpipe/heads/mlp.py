@@ -221,6 +221,26 @@ class MLPHead(Head):
             proba = [torch.softmax(net(chunk), dim=1).cpu() for chunk in Xt.split(_EVAL_ROWS)]
         return torch.cat(proba).numpy() if proba else np.zeros((0, len(self.classes_)), dtype=np.float32)
 
+    def _check_state(self) -> None:
+        width = self.n_features_in_
+        self._expect_array("mean_", (width,))
+        if not self._expect_array("scale_", (width,)).all():
+            raise HeadError("head state's 'scale' array has zeros, which would divide by zero: refit the head")
+        weights = getattr(self, "weights_", None)
+        layers = len(weights) // 2 - 1 if isinstance(weights, dict) else -1
+        names = [f"fc{i}.{part}" for i in range(layers) for part in ("weight", "bias")] + ["out.weight", "out.bias"]
+        if layers < 0 or sorted(weights) != sorted(names):
+            raise HeadError(f"head state's MLP weights are {sorted(weights or {})}, not fc0..fcN and out layers: refit the head")
+        for layer in [f"fc{i}" for i in range(layers)] + ["out"]:
+            weight, bias = weights[f"{layer}.weight"], weights[f"{layer}.bias"]
+            rows = len(self.classes_) if layer == "out" else (weight.shape[0] if weight.ndim == 2 and weight.shape[0] else -1)
+            for name, array, expected in ((f"{layer}.weight", weight, (rows, width)), (f"{layer}.bias", bias, (rows,))):
+                if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or array.shape != expected:
+                    raise HeadError(f"head state's weights.{name} is not a float array of shape {expected}: refit the head")
+                if not np.isfinite(array).all():
+                    raise HeadError(f"head state's weights.{name} holds NaN or infinite values: refit the head")
+            width = rows
+
     def _state_extra_arrays(self) -> dict[str, np.ndarray]:
         return {f"weights.{name}": np.ascontiguousarray(value) for name, value in self.weights_.items()}
 

@@ -168,6 +168,12 @@ def _check_same_pipeline(info: dict[str, Any], attrs: dict[str, Any], where: str
         )
 
 
+def _check_width(head: Any, X: np.ndarray, where: str) -> None:
+    if X.shape[1] != head.n_features_in_:
+        raise HeadError(f"{where} holds {X.shape[1]}-wide embeddings, the head reads {head.n_features_in_}: "
+                        "fit a head on these embeddings, or re-extract them with the head's backbone options")
+
+
 def evaluate(head_path: str | Path, embeddings: str | Path, *, split: str | None = None) -> dict[str, Any]:
     """Metrics of a saved head on an exported file (one split, or each split it has).
 
@@ -177,6 +183,7 @@ def evaluate(head_path: str | Path, embeddings: str | Path, *, split: str | None
     head, info = load_head(head_path)
     X, y, meta = load(embeddings, output=info.get("output", "embeddings"))
     _check_same_pipeline(info, meta, str(embeddings))
+    _check_width(head, X, str(embeddings))
     if (y < 0).all():
         raise HeadError(f"{embeddings} has no labels to evaluate against: use `embedpipe predict` for unlabelled images")
     names = np.asarray(meta["class_names"])[y]
@@ -229,6 +236,7 @@ def predict(
     result = extract(source, spec, cache_dir=cache_dir, run=run, progress=progress)
     X, _, meta = load(result.path, output=info.get("output", "embeddings"))
     _check_same_pipeline(info, meta, str(result.path))
+    _check_width(head, X, str(result.path))
     proba = head.predict_proba(X) if len(X) else np.empty((0, len(head.classes_)))
     k = max(1, min(top_k, len(head.classes_)))
     order = np.argsort(-proba, axis=1)[:, :k]

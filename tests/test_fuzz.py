@@ -1,0 +1,353 @@
+"""Fuzzing the files embedpipe reads back: exports, saved heads and fine-tune checkpoints, made for real and then damaged.
+
+Two kinds of mutant, each checked for one property:
+
+- **damage** (bit flips, truncation, an attribute deleted or of another type, a dataset of another shape
+  or dtype, applied to the bytes as they are): a one-line :class:`EmbedpipeError`, or a result equal to
+  the undamaged file's;
+- **crafting** (a head or checkpoint edited and its checksum recomputed, as a deliberate forger would):
+  a one-line error, or a result that is sane (finite probabilities that sum to 1; a run state that passes).
+
+For every case: no other exception type, and Python-side allocation (numpy included, via tracemalloc)
+under 32 MiB plus 64x the file's size. Derandomized, so every run tries the same cases; the counts are
+printed at the end of the session (``fuzz: N cases; ...``, by ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import shutil
+import tempfile
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import embedpipe
+from embedpipe.cache import cache_list, read_export, verify_export
+from embedpipe.errors import EmbedpipeError
+from embedpipe.finetune.rundir import CHECKSUM_KEY, check_run_state, check_state_dict, load_tensors, tensors_digest
+from embedpipe.heads import load_head
+from embedpipe.heads.headfile import checksums
+
+CASES: collections.Counter[str] = collections.Counter()
+FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SWAPS = [0, -1, 2**40, 1.5, float("nan"), True, None, "", "abc", [], {}, ["x"], {"a": 1}, [[1]], "1"]
+
+
+def bounded(path_bytes: int, fn: Callable[[], Any]) -> tuple[str, Any]:
+    """Run ``fn``: ``("error", message)`` for a one-line EmbedpipeError, else ``("ok", value)``; any other exception fails."""
+    tracemalloc.start()
+    try:
+        try:
+            return "ok", fn()
+        except EmbedpipeError as error:
+            message = str(error)
+            assert message and "\n" not in message, message
+            return "error", message
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            assert peak <= (32 << 20) + 64 * path_bytes, f"allocated {peak} bytes for a {path_bytes}-byte file"
+    finally:
+        tracemalloc.stop()
+
+
+def flip_bits(path: Path, bits: list[int]) -> None:
+    data = bytearray(path.read_bytes())
+    for bit in bits:
+        data[(bit // 8) % len(data)] ^= 1 << (bit % 8)
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+# --------------------------------------------------------------------------- exports
+
+RESHAPES = ["drop last row", "add a row", "drop a column", "to 1-D", "to float64", "to int8", "to strings", "to a group"]
+
+
+def reshape_dataset(f: h5py.File, name: str, how: str) -> None:
+    data = f[name][()]
+    del f[name]
+    if how == "to a group":
+        f.create_group(name)
+        return
+    if data.dtype.kind == "O":
+        data = np.array([v if isinstance(v, bytes) else str(v).encode() for v in data], dtype=object)
+    changed = {
+        "drop last row": lambda: data[:-1],
+        "add a row": lambda: np.concatenate([data, data[:1]]),
+        "drop a column": lambda: data[:, :-1] if data.ndim == 2 else data[:, None],
+        "to 1-D": lambda: data.reshape(-1) if data.ndim == 2 else data[:1],
+        "to float64": lambda: data.astype(np.float64) if data.dtype.kind in "iuf" else np.zeros(len(data)),
+        "to int8": lambda: data.astype(np.int8) if data.dtype.kind in "iuf" else np.zeros(len(data), np.int8),
+        "to strings": lambda: np.array([v.decode() if isinstance(v, bytes) else str(v) for v in data.reshape(-1)[: len(data)]], dtype=object),
+    }[how]()
+    f.create_dataset(name, data=changed, dtype=h5py.string_dtype() if changed.dtype.kind == "O" else None)
+
+
+export_mutations = st.one_of(
+    st.tuples(st.just("bit flips"), st.lists(st.integers(0, 10**7), min_size=1, max_size=8)),
+    st.tuples(st.just("truncation"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("attribute deleted"), st.integers(0, 100)),
+    st.tuples(st.just("attribute type swap"), st.tuples(st.integers(0, 100), st.sampled_from(SWAPS))),
+    st.tuples(st.just("dataset reshaped"), st.tuples(st.integers(0, 100), st.sampled_from(RESHAPES))),
+)
+
+
+def mutate_export(path: Path, kind: str, arg: Any) -> None:
+    if kind == "bit flips":
+        flip_bits(path, arg)
+        return
+    if kind == "truncation":
+        truncate(path, arg)
+        return
+    with h5py.File(path, "r+") as f:
+        if kind == "dataset reshaped":
+            names = sorted(n for n in ["embeddings", "labels", "paths", "split", "digests", "errors/paths", "errors/reasons"] if n in f)
+            reshape_dataset(f, names[arg[0] % len(names)], arg[1])
+            return
+        names = sorted(f.attrs)
+        index = arg if kind == "attribute deleted" else arg[0]
+        name = names[index % len(names)]
+        if kind == "attribute deleted":
+            del f.attrs[name]
+        else:
+            value = arg[1]
+            f.attrs[name] = json.dumps(value) if isinstance(value, (list, dict)) else ("null" if value is None else value)
+
+
+def same_export(a: Any, b: Any) -> dict[str, bool]:
+    """Which parts of two loaded exports are equal."""
+    return {
+        "embeddings": a.arrays.keys() == b.arrays.keys() and all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays),
+        "columns": (np.array_equal(a.labels, b.labels) and a.paths == b.paths and a.digests == b.digests and a.errors == b.errors
+                    and ((a.split is None) == (b.split is None)) and (a.split is None or np.array_equal(a.split, b.split))),
+        "attrs": a.attrs == b.attrs,
+    }
+
+
+@settings(FUZZ, max_examples=150)
+@given(mutation=export_mutations)
+def test_a_damaged_export_is_an_error_or_the_same_rows(artifacts: dict[str, Path], mutation: tuple[str, Any]) -> None:
+    kind, arg = mutation
+    original = read_export(artifacts["export"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / artifacts["export"].name
+        shutil.copyfile(artifacts["export"], path)
+        mutate_export(path, kind, arg)
+        size = path.stat().st_size
+        status, loaded = bounded(size, lambda: read_export(path))
+        assert isinstance(bounded(size, lambda: verify_export(path))[1], (list, str))
+        assert len(bounded(size, lambda: cache_list(folder))[1]["exports"]) == 1  # ls never fails for one bad file
+    CASES["export cases"] += 1
+    if status == "error":
+        CASES["export errors"] += 1
+        return
+    same = same_export(loaded, original)
+    assert same["embeddings"], f"{kind} {arg}: embeddings changed silently"  # chunks carry Fletcher-32
+    if kind != "bit flips":
+        assert same["columns"], f"{kind} {arg}: rows changed silently"
+    elif not (same["columns"] and same["attrs"]):
+        # labels, paths, digests and attributes carry no checksum yet (issue 12, "what to build" 2: the write path)
+        CASES["export bit flips read back changed (no checksum yet)"] += 1
+        return
+    CASES["export unchanged"] += 1
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += json_paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value[:4]):
+            found += json_paths(item, (*prefix, index))
+    return found
+
+
+def edit_at(document: Any, path: tuple[Any, ...], new: Any, *, delete: bool) -> None:
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = new
+
+
+head_mutations = st.tuples(
+    st.sampled_from(["logreg", "knn", "mlp"]),
+    st.one_of(
+        st.tuples(st.just("bit flips"), st.tuples(st.booleans(), st.lists(st.integers(0, 10**6), min_size=1, max_size=4))),
+        st.tuples(st.just("truncation"), st.tuples(st.booleans(), st.floats(0.0, 0.999))),
+        st.tuples(st.just("json deleted"), st.tuples(st.integers(0, 10**4), st.booleans())),
+        st.tuples(st.just("json type swap"), st.tuples(st.integers(0, 10**4), st.sampled_from(SWAPS), st.booleans())),
+        st.tuples(st.just("array changed"), st.tuples(st.integers(0, 100), st.sampled_from(["NaN", "shape", "dtype", "gone", "empty"]),
+                                                      st.booleans())),
+    ),
+)
+
+
+def mutate_head(folder: Path, kind: str, arg: Any) -> bool:
+    """Apply the mutation; returns True when the head was resealed (crafted), False when damaged."""
+    from safetensors.numpy import load_file, save_file
+
+    if kind in ("bit flips", "truncation"):
+        target = folder / ("head.json" if arg[0] else "arrays.safetensors")
+        (flip_bits if kind == "bit flips" else truncate)(target, arg[1])
+        return False
+    seal = arg[-1]
+    if kind == "array changed":
+        arrays = load_file(folder / "arrays.safetensors")
+        name = sorted(arrays)[arg[0] % len(arrays)]
+        array = arrays[name]
+        how = arg[1]
+        if how == "gone":
+            del arrays[name]
+        else:
+            arrays[name] = {"NaN": lambda: np.where(np.arange(array.size).reshape(array.shape) == 0, np.nan, array).astype(array.dtype)
+                            if array.dtype.kind == "f" else array + 100,
+                            "shape": lambda: np.ascontiguousarray(array.reshape(-1)[: max(1, array.size - 1)]),
+                            "dtype": lambda: array.astype(np.int16 if array.dtype.kind == "f" else np.float32),
+                            "empty": lambda: np.zeros((0,) + array.shape[1:], array.dtype)}[how]()
+        save_file(arrays, folder / "arrays.safetensors")
+    else:
+        info = json.loads((folder / "head.json").read_text())
+        paths = [p for p in json_paths(info) if p[0] != "checksums"]
+        edit_at(info, paths[arg[0] % len(paths)], arg[1] if kind == "json type swap" else None, delete=kind == "json deleted")
+        (folder / "head.json").write_text(json.dumps(info))
+    if seal:
+        info = json.loads((folder / "head.json").read_text())
+        info["checksums"] = checksums(info, (folder / "arrays.safetensors").read_bytes())
+        (folder / "head.json").write_text(json.dumps(info))
+    return seal
+
+
+@settings(FUZZ, max_examples=150)
+@given(mutation=head_mutations)
+def test_a_damaged_head_is_an_error_or_the_same_predictions(artifacts: dict[str, Path], mutation: tuple[str, tuple[str, Any]]) -> None:
+    name, (kind, arg) = mutation
+    X, _, _ = embedpipe.load(artifacts["export"])
+    original, _ = load_head(artifacts[name])
+    expected = original.predict_proba(X)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(shutil.copytree(artifacts[name], Path(tmp) / name))
+        crafted = mutate_head(folder, kind, arg)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+
+        def use() -> tuple[Any, np.ndarray]:
+            head, _ = load_head(folder)
+            return head, head.predict_proba(X)
+
+        status, value = bounded(size, use)
+    CASES["head cases"] += 1
+    if status == "error":
+        CASES["head errors"] += 1
+        return
+    head, proba = value
+    if crafted:  # a forged but valid head: its answer need only be sane
+        assert proba.shape == expected.shape and np.isfinite(proba).all() and np.allclose(proba.sum(axis=1), 1, atol=1e-4)
+        CASES["head crafted and sane"] += 1
+        return
+    assert list(head.classes_) == list(original.classes_) and np.allclose(proba, expected, atol=1e-6), f"{kind} {arg}: changed silently"
+    CASES["head unchanged"] += 1
+
+
+# --------------------------------------------------------------------------- fine-tune checkpoints
+
+checkpoint_mutations = st.tuples(
+    st.sampled_from(["best.safetensors", "last.safetensors"]),
+    st.one_of(
+        st.tuples(st.just("bit flips"), st.lists(st.integers(0, 10**7), min_size=1, max_size=4)),
+        st.tuples(st.just("truncation"), st.floats(0.0, 0.999)),
+        st.tuples(st.just("header deleted"), st.integers(0, 10**4)),
+        st.tuples(st.just("header type swap"), st.tuples(st.integers(0, 10**4), st.sampled_from(SWAPS))),
+        st.tuples(st.just("tensor changed"), st.tuples(st.integers(0, 1000), st.sampled_from(["NaN", "shape", "dtype", "gone"]))),
+    ),
+)
+
+
+def mutate_checkpoint(path: Path, kind: str, arg: Any) -> bool:
+    """Apply the mutation; returns True when resealed (crafted: the header and tensor edits), False when damaged."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    if kind in ("bit flips", "truncation"):
+        (flip_bits if kind == "bit flips" else truncate)(path, arg)
+        return False
+    with safe_open(str(path), "pt") as handle:
+        meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items() if k != CHECKSUM_KEY}
+    tensors = load_file(str(path))
+    if kind == "tensor changed":
+        name = sorted(tensors)[arg[0] % len(tensors)]
+        tensor = tensors[name]
+        if arg[1] == "gone":
+            del tensors[name]
+        else:
+            tensors[name] = {"NaN": lambda: tensor.float().fill_(math.nan).to(tensor.dtype) if tensor.is_floating_point() else tensor + 1,
+                             "shape": lambda: tensor.reshape(-1)[: max(1, tensor.numel() - 1)].clone(),
+                             "dtype": lambda: tensor.to(torch.float64 if tensor.dtype != torch.float64 else torch.float32)}[arg[1]]()
+    else:
+        paths = json_paths(meta)
+        edit_at(meta, paths[(arg if kind == "header deleted" else arg[0]) % len(paths)],
+                None if kind == "header deleted" else arg[1], delete=kind == "header deleted")
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    header[CHECKSUM_KEY] = json.dumps(tensors_digest(tensors, header))
+    save_file(tensors, str(path), metadata=header)
+    return True
+
+
+@settings(FUZZ, max_examples=120)
+@given(mutation=checkpoint_mutations)
+def test_a_damaged_checkpoint_is_an_error_or_the_same_state(artifacts: dict[str, Path], mutation: tuple[str, tuple[str, Any]]) -> None:
+    name, (kind, arg) = mutation
+    source = artifacts["run"] / name
+    original, original_meta = load_tensors(source)
+    model = {k.removeprefix("model/"): v for k, v in original.items() if not k.startswith("optim/")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        shutil.copyfile(source, path)
+        crafted = mutate_checkpoint(path, kind, arg)
+
+        def use() -> tuple[dict[str, Any], dict[str, Any]]:
+            tensors, meta = load_tensors(path)
+            weights = {k.removeprefix("model/"): v for k, v in tensors.items() if not k.startswith("optim/")}
+            check_state_dict(weights, model, path)
+            if name == "last.safetensors":
+                check_run_state(meta, path, phases=1)
+            return tensors, meta
+
+        status, value = bounded(path.stat().st_size, use)
+    CASES["checkpoint cases"] += 1
+    if status == "error":
+        CASES["checkpoint errors"] += 1
+        return
+    tensors, meta = value
+    if crafted:
+        CASES["checkpoint crafted and accepted"] += 1
+        return
+    assert meta == original_meta and tensors.keys() == original.keys(), f"{kind} {arg}: changed silently"
+    assert all(torch_equal(tensors[k], original[k]) for k in tensors), f"{kind} {arg}: changed silently"
+    CASES["checkpoint unchanged"] += 1
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
