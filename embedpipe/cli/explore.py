@@ -1,0 +1,74 @@
+"""The explore commands (neighbors, export, audit, map): each parses, calls one :mod:`embedpipe.explore` function, prints.
+
+Kept beside the pipeline commands of :mod:`embedpipe.cli` (which registers them) so neither file
+outgrows one screenful of concerns; heavy imports stay inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .options import handle_errors, progress_factory
+
+
+def _summary(found: Any) -> str:
+    how = f"{found.backend}, {found.precision} on {found.device}" if found.backend == "torch" else "faiss flat index, fp32 on cpu"
+    return f"{len(found.queries)} queries x {found.indices.shape[1]} neighbours in {found.seconds:.2f} s ({how})"
+
+
+@click.command()
+@click.argument("embeddings", type=click.Path())
+@click.option("--query", type=click.Path(), default=None,
+              help="Images to search for (folder or CSV manifest), embedded through the cache with the file's own backbone "
+                   "[default: every row of EMBEDDINGS, each among the others].")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per query.")
+@click.option("--backend", type=click.Choice(["torch", "faiss"]), default="torch", show_default=True,
+              help="torch: blocked exact matmul (GPU when there is one); faiss: exact flat index (the faiss extra).")
+@click.option("--output", default="embeddings", show_default=True, help="Stored output to search (embeddings, logits, stageN).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Write query,rank,neighbor,similarity,label,split to a .csv or .json file [default: CSV on stdout].")
+@click.option("--device", default="auto", show_default=True, help="Device for the search and the query images.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Of the search's matrix products; the result is fp32-exact at every precision.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default="cache", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Query images per batch [default: by device].")
+@click.option("--workers", type=int, default=None, help="DataLoader decode workers for the query images.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary line.")
+@click.pass_context
+@handle_errors
+def neighbors(ctx: click.Context, embeddings: str, query: str | None, k: int, backend: str, output: str, out_file: str | None,
+              device: str, precision: str, cache_dir: str, batch_size: int | None, workers: int | None, quiet: bool) -> None:
+    """Exact cosine nearest neighbours: within an embeddings file, or of new images against it.
+
+    \b
+    Example:
+        embedpipe neighbors cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --k 5 --out neighbours.csv
+        embedpipe neighbors cache/elpv-...h5 --query new-cells/ --k 3
+        embedpipe neighbors cache/big-...h5 --backend faiss --out neighbours.json
+    """
+    import csv
+
+    from ..config import RunConfig
+    from ..explore import COLUMNS
+    from ..explore import neighbors as run_neighbors
+
+    quiet = ctx.obj["quiet"] or quiet
+    found = run_neighbors(embeddings, query=query, k=k, backend=backend, output=output, device=device, precision=precision,
+                          cache_dir=cache_dir, run=RunConfig(device=device, batch_size=batch_size, num_workers=workers),
+                          progress=progress_factory(quiet))
+    for path, reason in found.failed:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if out_file:
+        found.write(out_file)
+    else:
+        writer = csv.DictWriter(sys.stdout, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(found.records())
+    if not quiet:
+        click.echo(_summary(found) + (f"; written to {out_file}" if out_file else ""), err=True)
+
+
+COMMANDS = (neighbors,)

@@ -1,0 +1,15 @@
+"""Put cached embeddings to work beyond a classifier: neighbours, a duplicates/leakage/label audit, a map, exports.
+
+- :func:`neighbors`: exact cosine top-k within an exported file, or for new images (through the cache)
+- :func:`search`: the same search on plain arrays (:mod:`.knn`)
+
+Every function reads an exported file through :func:`embedpipe.load`; torch and the optional
+extras (pyarrow, faiss, lance, cleanlab, umap-learn) are imported when a function needs them.
+"""
+
+from __future__ import annotations
+
+from .knn import Search, normalize, search
+from .neighbors import COLUMNS, Neighbors, faiss_search, neighbors
+
+__all__ = ["COLUMNS", "Neighbors", "Search", "faiss_search", "neighbors", "normalize", "search"]

@@ -1,0 +1,138 @@
+"""embedpipe.explore: neighbours against a brute-force NumPy search, on arrays and on real extracted files."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedpipe import BackboneSpec, ExploreError, RunConfig, extract, load
+from embedpipe.explore import faiss_search, neighbors, search
+
+
+def brute_force(queries: np.ndarray, bank: np.ndarray, k: int, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: float64 cosine similarities, a stable sort (ties to the lower index)."""
+    q = queries.astype(np.float64) / np.linalg.norm(queries.astype(np.float64), axis=1, keepdims=True)
+    b = bank.astype(np.float64) / np.linalg.norm(bank.astype(np.float64), axis=1, keepdims=True)
+    sims = q @ b.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+def clustered(n: int, d: int, *, spread: float, seed: int) -> np.ndarray:
+    """Rows around a few centres: crowded neighbourhoods, like real embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((8, d))
+    return (centres[rng.integers(0, 8, n)] + spread * rng.standard_normal((n, d))).astype(np.float32)
+
+
+FP16_TOLERANCE = 1e-3  # float16 has 11 significant bits: 2^-10 ~ 1e-3 on values in [-1, 1]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_search_equals_brute_force(precision: str, exclude_self: bool) -> None:
+    bank = clustered(700, 48, spread=0.4, seed=1)
+    queries = bank if exclude_self else clustered(90, 48, spread=0.4, seed=2)
+    # A small block so the search runs in many blocks, the last one partial.
+    found = search(queries, bank, 7, exclude_self=exclude_self, device="cpu", precision=precision, block_bytes=4 * 700 * 33)
+    sims, idx = brute_force(queries, bank, 7, exclude_self=exclude_self)
+    assert found.precision == precision and found.indices.dtype == np.int64 and found.similarities.dtype == np.float32
+    np.testing.assert_array_equal(found.indices, idx)
+    np.testing.assert_allclose(found.similarities, sims, atol=FP16_TOLERANCE)
+    if exclude_self:
+        assert not (found.indices == np.arange(len(bank))[:, None]).any()
+
+
+def test_low_precision_search_rechecks_what_its_bound_cannot_certify() -> None:
+    """Neighbours closer than bf16 can tell apart: the bound notices those queries, and fp32 answers them."""
+    bank = clustered(400, 32, spread=0.2, seed=3)
+    found = search(bank, bank, 5, exclude_self=True, device="cpu", precision="bf16")
+    assert 0 < found.rechecked < len(bank)  # some certified, some searched again
+    _, idx = brute_force(bank, bank, 5, exclude_self=True)
+    np.testing.assert_array_equal(found.indices, idx)
+
+
+def test_search_refuses_what_it_cannot_answer() -> None:
+    bank = clustered(10, 4, spread=0.1, seed=0)
+    with pytest.raises(ExploreError, match="only 9 rows can be neighbours"):
+        search(bank, bank, 10, exclude_self=True, device="cpu")
+    with pytest.raises(ExploreError, match="same width"):
+        search(bank[:, :3], bank, 2, device="cpu")
+    with pytest.raises(ExploreError, match="unknown precision"):
+        search(bank, bank, 2, device="cpu", precision="int8")
+
+
+def test_faiss_backend_equals_brute_force() -> None:
+    pytest.importorskip("faiss")
+    bank = clustered(500, 40, spread=0.4, seed=4)
+    for exclude_self in (True, False):
+        found = faiss_search(bank, bank, 6, exclude_self=exclude_self)
+        sims, idx = brute_force(bank, bank, 6, exclude_self=exclude_self)
+        np.testing.assert_array_equal(found.indices, idx)
+        np.testing.assert_allclose(found.similarities, sims, atol=FP16_TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def shapes_file(image_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The synthetic tree embedded by test_resnet (random weights, 64 px): (exported file, cache folder)."""
+    cache = tmp_path_factory.mktemp("explore-cache")
+    spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32")
+    result = extract(image_tree, spec, cache_dir=cache, run=RunConfig(device="cpu", batch_size=8, num_workers=0))
+    return result.path, cache
+
+
+def test_neighbors_of_a_file_equal_brute_force(shapes_file: tuple[Path, Path]) -> None:
+    path, _ = shapes_file
+    X, y, meta = load(path)
+    found = neighbors(path, k=4, device="cpu")
+    sims, idx = brute_force(X, X, 4, exclude_self=True)
+    np.testing.assert_array_equal(found.indices, idx)
+    np.testing.assert_allclose(found.similarities, sims, atol=FP16_TOLERANCE)
+    records = found.records()
+    assert len(records) == 4 * len(X) and records[0]["rank"] == 1 and records[3]["rank"] == 4
+    first = records[0]
+    assert first["query"] == meta["paths"][0] and first["neighbor"] == meta["paths"][idx[0, 0]]
+    assert first["label"] == meta["class_names"][y[idx[0, 0]]] and first["split"] == meta["split"][idx[0, 0]]
+
+
+def test_neighbors_of_new_images_go_through_the_cache(shapes_file: tuple[Path, Path], image_tree: Path, tmp_path: Path) -> None:
+    path, cache = shapes_file
+    queries = tmp_path / "new"
+    queries.mkdir()
+    picked = sorted((image_tree / "squares").iterdir())[:3]
+    for i, image in enumerate(picked):  # the same bytes under new names: found at similarity 1, nothing recomputed
+        shutil.copyfile(image, queries / f"query{i}{image.suffix}")
+    found = neighbors(path, query=queries, k=2, cache_dir=cache, run=RunConfig(device="cpu", batch_size=8, num_workers=0))
+    assert found.queries == [f"query{i}{p.suffix}" for i, p in enumerate(picked)]
+    assert [found.paths[row[0]] for row in found.indices] == [f"squares/{p.name}" for p in picked]
+    np.testing.assert_allclose(found.similarities[:, 0], 1.0, atol=1e-5)
+    Xq, _, _ = load(found.query_file)
+    X, _, _ = load(path)
+    sims, idx = brute_force(Xq, X, 2)
+    np.testing.assert_array_equal(found.indices, idx)
+
+
+def test_cli_neighbors_writes_what_the_library_returns(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    path, _ = shapes_file
+    out = tmp_path / "n.csv"
+    done = subprocess.run([sys.executable, "-m", "embedpipe", "neighbors", str(path), "--k", "3", "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "24 queries x 3 neighbours" in done.stderr
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    expected = neighbors(path, k=3, device="cpu").records()
+    assert [(r["query"], int(r["rank"]), r["neighbor"]) for r in rows] == [(r["query"], r["rank"], r["neighbor"]) for r in expected]
+    np.testing.assert_allclose([float(r["similarity"]) for r in rows], [r["similarity"] for r in expected], atol=1e-6)
+    refused = subprocess.run([sys.executable, "-m", "embedpipe", "neighbors", str(path), "--k", "50", "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == ExploreError.exit_code and "pass --k between 1 and 23" in refused.stderr
+    assert "Traceback" not in refused.stderr
