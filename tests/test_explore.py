@@ -136,3 +136,97 @@ def test_cli_neighbors_writes_what_the_library_returns(shapes_file: tuple[Path, 
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == ExploreError.exit_code and "pass --k between 1 and 23" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _expected(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    X, y, meta = load(path)
+    assert meta["digests"] and len(meta["digests"]) == len(X)
+    return X, y, meta
+
+
+def test_export_parquet_reads_back_in_pyarrow_pandas_and_duckdb(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    from embedpipe.explore import export, read_metadata
+
+    path, _ = shapes_file
+    X, y, meta = _expected(path)
+    done = export(path, "parquet", tmp_path / "e.parquet")
+    assert done.paths == [tmp_path / "e.parquet"] and done.rows == len(X) and done.dims == X.shape[1]
+    table = pq.read_table(done.paths[0])
+    assert table.column_names == ["row", "path", "label", "class", "split", "digest", "embedding"]
+    assert str(table.schema.field("embedding").type) == f"fixed_size_list<element: float>[{X.shape[1]}]"
+    np.testing.assert_array_equal(np.stack(table["embedding"].to_numpy(zero_copy_only=False)), X)  # bit for bit
+    assert table["path"].to_pylist() == meta["paths"] and table["label"].to_pylist() == y.tolist()
+    assert table["class"].to_pylist() == [meta["class_names"][v] for v in y]
+    assert table["split"].to_pylist() == list(meta["split"]) and table["digest"].to_pylist() == meta["digests"]
+    stored = read_metadata(done.paths[0])
+    assert stored["attrs"]["cache_key"] == meta["cache_key"] and stored["attrs"]["class_names"] == meta["class_names"]
+
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_parquet(done.paths[0])
+    np.testing.assert_array_equal(np.stack(frame["embedding"].to_numpy()), X)
+    assert frame["path"].tolist() == meta["paths"]
+
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(f"SELECT path, split, embedding FROM '{done.paths[0]}' ORDER BY row").fetchall()
+    assert [r[0] for r in rows] == meta["paths"] and [r[1] for r in rows] == list(meta["split"])
+    np.testing.assert_array_equal(np.array([r[2] for r in rows], dtype=np.float32), X)
+    counts = dict(duckdb.sql(f"SELECT class, count(*) FROM '{done.paths[0]}' GROUP BY class").fetchall())
+    assert counts == {c: int((y == i).sum()) for i, c in enumerate(meta["class_names"])}
+
+
+def test_export_npy_and_faiss_map_back_to_rows(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    import json
+
+    from embedpipe.explore import export
+
+    path, _ = shapes_file
+    X, y, meta = _expected(path)
+    done = export(path, "npy", tmp_path / "e.npy")
+    np.testing.assert_array_equal(np.load(done.paths[0]), X)
+    sidecar = json.loads(done.paths[1].read_text())
+    assert sidecar["rows"]["path"] == meta["paths"] and sidecar["rows"]["digest"] == meta["digests"]
+    assert sidecar["format"] == "embedpipe-export" and sidecar["attrs"]["backbone"] == meta["backbone"]
+
+    faiss = pytest.importorskip("faiss")
+    done = export(path, "faiss", tmp_path / "e.faiss")
+    index = faiss.read_index(str(done.paths[0]))
+    assert index.ntotal == len(X)
+    sims, ids = index.search(X / np.linalg.norm(X, axis=1, keepdims=True), 4)
+    ref_sims, ref_idx = brute_force(X, X, 4)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(len(X)))  # each row finds itself: ids are row numbers
+    np.testing.assert_allclose(sims, ref_sims, atol=FP16_TOLERANCE)
+    rows = json.loads(done.paths[1].read_text())["rows"]
+    assert [rows["path"][i] for i in ids[:, 1]] == [meta["paths"][j] for j in ref_idx[:, 1]]
+
+
+def test_export_lance_round_trip(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    lance = pytest.importorskip("lance")
+    from embedpipe.explore import export, read_metadata
+
+    path, _ = shapes_file
+    X, _, meta = _expected(path)
+    done = export(path, "lance", tmp_path / "e.lance")
+    table = lance.dataset(str(done.paths[0])).to_table()
+    np.testing.assert_array_equal(np.stack(table["embedding"].to_numpy(zero_copy_only=False)), X)
+    assert table["path"].to_pylist() == meta["paths"]
+    assert read_metadata(done.paths[0])["attrs"]["cache_key"] == meta["cache_key"]
+
+
+def test_export_without_its_extra_names_what_to_install(shapes_file: tuple[Path, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedpipe.explore import export
+
+    path, _ = shapes_file
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ExploreError, match=r"pip install 'embedpipe\[parquet\]'"):
+        export(path, "parquet", tmp_path / "e.parquet")
+    with pytest.raises(ExploreError, match=r"pip install 'embedpipe\[faiss\]'"):
+        export(path, "faiss", tmp_path / "e.faiss")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(ExploreError, match="unknown export format"):
+        export(path, "xml", tmp_path / "e.xml")

@@ -71,4 +71,29 @@ def neighbors(ctx: click.Context, embeddings: str, query: str | None, k: int, ba
         click.echo(_summary(found) + (f"; written to {out_file}" if out_file else ""), err=True)
 
 
-COMMANDS = (neighbors,)
+@click.command("export")
+@click.argument("embeddings", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["parquet", "npy", "faiss", "lance"]), required=True,
+              help="parquet: columns + fixed-size-list embedding; npy: .npy + .json; faiss: cosine index + .json; lance: a table folder.")
+@click.option("--output", default="embeddings", show_default=True, help="Stored output to export (embeddings, logits, stageN).")
+@handle_errors
+def export(embeddings: str, out: str, to: str, output: str) -> None:
+    """Write an embeddings file's rows, embeddings and metadata for pandas, DuckDB, Spark, FAISS, LanceDB or NumPy.
+
+    \b
+    Example:
+        embedpipe export cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 elpv.parquet --to parquet
+        duckdb -c "SELECT class, count(*) FROM 'elpv.parquet' GROUP BY class"
+        embedpipe export cache/elpv-...h5 elpv.faiss --to faiss      # also writes elpv.json (ids -> rows)
+        embedpipe export cache/elpv-...h5 elpv.npy --to npy
+    """
+    from ..explore import export as run_export
+
+    done = run_export(embeddings, to, out, output=output)
+    for path in done.paths:
+        click.echo(str(path))
+    click.echo(f"{done.rows} rows x {done.dims} as {done.format}", err=True)
+
+
+COMMANDS = (neighbors, export)

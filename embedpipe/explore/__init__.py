@@ -2,6 +2,7 @@
 
 - :func:`neighbors`: exact cosine top-k within an exported file, or for new images (through the cache)
 - :func:`search`: the same search on plain arrays (:mod:`.knn`)
+- :func:`export`: Parquet, NumPy + JSON, a FAISS index, a Lance table (:mod:`.export`)
 
 Every function reads an exported file through :func:`embedpipe.load`; torch and the optional
 extras (pyarrow, faiss, lance, cleanlab, umap-learn) are imported when a function needs them.
@@ -9,7 +10,8 @@ extras (pyarrow, faiss, lance, cleanlab, umap-learn) are imported when a functio
 
 from __future__ import annotations
 
+from .export import FORMATS, Exported, export, read_metadata
 from .knn import Search, normalize, search
 from .neighbors import COLUMNS, Neighbors, faiss_search, neighbors
 
-__all__ = ["COLUMNS", "Neighbors", "Search", "faiss_search", "neighbors", "normalize", "search"]
+__all__ = ["COLUMNS", "FORMATS", "Exported", "Neighbors", "Search", "export", "faiss_search", "neighbors", "normalize", "read_metadata", "search"]

@@ -18,12 +18,12 @@ EXTRAS: dict[str, tuple[str, str]] = {
 
 
 def require(module: str) -> ModuleType:
-    """Import an optional extra, or raise :class:`ExploreError` saying which extra installs it."""
+    """Import an optional extra (or one of its modules: ``pyarrow.parquet``), or raise :class:`ExploreError` saying which extra installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        what, extra = EXTRAS[module]
-        raise ExploreError(f"{what} needs {module}, which is not installed: pip install 'embedpipe[{extra}]'") from None
+        what, extra = EXTRAS[module.partition(".")[0]]
+        raise ExploreError(f"{what} needs {module.partition('.')[0]}, which is not installed: pip install 'embedpipe[{extra}]'") from None
 
 
 def available(module: str) -> bool:
