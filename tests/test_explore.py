@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 from embedpipe import BackboneSpec, ExploreError, RunConfig, extract, load
 from embedpipe.explore import faiss_search, neighbors, search
+
+from .conftest import CLASSES, make_tree
 
 
 def brute_force(queries: np.ndarray, bank: np.ndarray, k: int, *, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -230,3 +233,154 @@ def test_export_without_its_extra_names_what_to_install(shapes_file: tuple[Path,
     assert not list(tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ExploreError, match="unknown export format"):
         export(path, "xml", tmp_path / "e.xml")
+
+
+# --------------------------------------------------------------------------- audit: planted duplicates, leakage, label errors
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle", "cell", "colorwheel", "logo", "horse", "text")
+
+
+def _photo_tiles() -> list[tuple[str, str, "Image.Image"]]:
+    """(class, name, image): the four quarters of real photos shipped with scikit-image; class = the photo."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    tiles = []
+    for name in PHOTOS:
+        array = getattr(skimage_data, name)()
+        array = array[0] if isinstance(array, tuple) else array  # stereo_motorcycle: (left, right, disparity)
+        image = Image.fromarray(np.asarray(array)).convert("RGB")
+        w, h = image.size
+        for r in range(2):
+            for c in range(2):
+                tiles.append((name, f"{name}_{r}{c}", image.crop((c * w // 2, r * h // 2, (c + 1) * w // 2, (r + 1) * h // 2))))
+    return tiles
+
+
+def _copies(image: "Image.Image") -> dict[str, "Image.Image"]:
+    """Near duplicates as they happen: re-encoded at another JPEG quality, resized, mirrored, a few pixels cropped."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    w, h = image.size
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=70)
+    return {"jpeg": Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), "resized": image.resize((w * 4 // 5, h * 4 // 5)),
+            "flipped": ImageOps.mirror(image), "cropped": image.crop((4, 4, w - 4, h - 4))}
+
+
+@pytest.fixture(scope="module")
+def planted_photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], set[str]]:
+    """Real photo tiles with near-duplicates planted, embedded by the real offline Lite0.
+
+    Returns:
+        (exported file, copy path -> its original's path, copies planted in another split than their original).
+    """
+    root = tmp_path_factory.mktemp("planted")
+    rng = np.random.default_rng(0)
+    tiles = _photo_tiles()
+    planted = set(rng.choice(len(tiles), 24, replace=False).tolist())
+    rows, copies, crossing = [("path", "label", "split")], {}, set()
+    for i, (label, name, image) in enumerate(tiles):
+        split = ("train", "train", "test", "val")[i % 4]
+        image.save(root / f"{name}.png")
+        rows.append((f"{name}.png", label, split))
+        if i in planted:
+            for kind, copy in _copies(image).items():
+                other = {"train": "test", "test": "train", "val": "train"}[split] if kind == "jpeg" else split
+                copy.save(root / f"{name}-{kind}.png")
+                rows.append((f"{name}-{kind}.png", label, other))
+                copies[f"{name}-{kind}.png"] = f"{name}.png"
+                if other != split:
+                    crossing.add(f"{name}-{kind}.png")
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    result = extract(root / "manifest.csv", "tf_efficientnet_lite0", cache_dir=root / "cache",
+                     run=RunConfig(device="cpu", batch_size=32, num_workers=0))
+    return result.path, copies, crossing
+
+
+@pytest.mark.slow  # embeds 152 photo tiles with the real Lite0 (~40 s on 2 cores, once per module)
+def test_audit_finds_planted_duplicates_and_every_leak(planted_photos: tuple[Path, dict[str, str], set[str]], tmp_path: Path) -> None:
+    from embedpipe.explore import audit
+
+    path, copies, crossing = planted_photos
+    result = audit(path, out=tmp_path / "audit", device="cpu")
+    group_of = {p: i for i, g in enumerate(result.duplicates) for p in g.paths}
+    found = [c for c, original in copies.items() if c in group_of and group_of.get(original) == group_of[c]]
+    related = set(copies) | set(copies.values())
+    flagged = list(group_of)
+    recall, precision = len(found) / len(copies), sum(p in related for p in flagged) / len(flagged)
+    print(f"planted duplicates: recall {recall:.3f} ({len(found)}/{len(copies)}), precision {precision:.3f} ({len(flagged)} flagged)")
+    assert recall >= 0.95 and precision >= 0.90
+    leaked = {p for g in result.leakage for p in g.paths}
+    assert crossing and crossing <= leaked  # every copy planted across splits is called leakage, with its original
+    assert {copies[c] for c in crossing} <= leaked
+    assert all(len(set(g.splits)) > 1 for g in result.leakage)
+    assert result.exact_duplicates == 0 and not any(g.exact for g in result.duplicates)
+
+
+def test_audit_names_identical_files_and_ranks_flipped_labels(image_tree: Path, tmp_path: Path) -> None:
+    """Synthetic shapes (colour shows the class), test_resnet: identical files across splits, and flipped labels."""
+    pytest.importorskip("cleanlab")
+    from embedpipe.explore import audit
+
+    root = make_tree(tmp_path / "shapes", per_class=30)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*"))
+    rng = np.random.default_rng(1)
+    flipped = set(rng.choice(len(files), 8, replace=False).tolist())
+    rows = [("path", "label", "split")]
+    for i, rel in enumerate(files):
+        true = rel.split("/")[0]
+        label = CLASSES[(CLASSES.index(true) + 1) % 3] if i in flipped else true
+        rows.append((rel, label, ("train", "train", "train", "test", "val")[i % 5]))
+    twins = [files[0], files[31]]  # byte-identical copies, placed in test
+    for rel in twins:
+        shutil.copyfile(root / rel, root / f"copy-{Path(rel).name}")
+        rows.append((f"copy-{Path(rel).name}", rel.split("/")[0], "test"))
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32")
+    path = extract(root / "manifest.csv", spec, cache_dir=tmp_path / "cache", run=RunConfig(device="cpu", batch_size=16, num_workers=0)).path
+    # Random weights put every pair above 0.99: only identical embeddings count as duplicates here.
+    result = audit(path, out=tmp_path / "audit", device="cpu", threshold=1.0, leakage_threshold=1.0)
+    exact = [g for g in result.duplicates if g.exact]
+    assert sorted(sorted(g.paths) for g in exact) == sorted(sorted([rel, f"copy-{Path(rel).name}"]) for rel in twins)
+    assert result.exact_duplicates == 2 and all(g.leakage for g in exact)  # train (i % 5 == 0) vs test
+    top = [issue.path for issue in result.label_issues[: 2 * len(flipped)]]
+    hits = {files[i] for i in flipped} & set(top)
+    print(f"planted label errors: {len(hits)}/{len(flipped)} in the top {2 * len(flipped)} of {len(result.label_issues)} findings")
+    assert len(hits) >= 0.6 * len(flipped)
+    for issue in result.label_issues:
+        if issue.path in hits:
+            assert issue.suggested == issue.path.split("/")[0]  # cleanlab suggests the true class back
+    assert result.outliers and all(0 <= o.score <= 1 for o in result.outliers)
+
+
+@pytest.mark.slow  # embeds 152 photo tiles with the real Lite0 (~40 s on 2 cores, once per module)
+def test_cli_audit_and_its_page_in_headless_chromium(planted_photos: tuple[Path, dict[str, str], set[str]], tmp_path: Path) -> None:
+    import json
+
+    path, _, crossing = planted_photos
+    out = tmp_path / "audit"
+    done = subprocess.run([sys.executable, "-m", "embedpipe", "audit", str(path), "--out", str(out), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Leakage: ") and "nearest-neighbour similarity" in done.stdout
+    stored = json.loads((out / "audit.json").read_text())
+    assert stored["format"] == "embedpipe-audit" and stored["rows"] == 56 + 96
+    assert crossing <= {p for g in stored["leakage"] for p in g["paths"]}
+    page = (out / "audit.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page) and "<script" not in page
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it where apt works)")
+    from .test_bench import _chromium
+
+    seen, console = _chromium(out / "audit.html", tmp_path / "profile")
+    assert seen is not None, "the page did not finish loading"
+    assert seen["errors"] == [] and console == [] and seen["title"].startswith("embedpipe audit")
+    assert seen["rows"] >= 10 and len(seen["images"]) >= 50
+    for image in seen["images"]:
+        assert image["complete"] and image["w"] > 20 and image["h"] > 20 and image["shown"] > 50  # decoded and laid out

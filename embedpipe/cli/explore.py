@@ -96,4 +96,46 @@ def export(embeddings: str, out: str, to: str, output: str) -> None:
     click.echo(f"{done.rows} rows x {done.dims} as {done.format}", err=True)
 
 
-COMMANDS = (neighbors, export)
+@click.command()
+@click.argument("embeddings", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for audit.json and audit.html.")
+@click.option("--threshold", type=float, default=None,
+              help="Cosine similarity from which two rows are near duplicates [default: 0.90, measured on photos with the default backbone].")
+@click.option("--leakage-threshold", type=float, default=None, help="The same for rows in different splits [default: 0.85].")
+@click.option("--k", type=click.IntRange(min=1), default=10, show_default=True, help="Neighbours per row in the graph.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="Folds of the out-of-fold logreg probabilities.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--output", default="embeddings", show_default=True, help="Stored output to audit.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--thumbnails", type=click.IntRange(min=0), default=64, show_default=True, help="Findings per section shown with images.")
+@handle_errors
+def audit(embeddings: str, out: str, threshold: float | None, leakage_threshold: float | None, k: int, folds: int, seed: int,
+          output: str, device: str, thumbnails: int) -> None:
+    """Find duplicates, train/test leakage, likely label errors and outliers; writes OUT/audit.html and audit.json.
+
+    Exact duplicates come from the files' sha256, near ones from the exact neighbour graph; label
+    issues and outliers from cleanlab (the cleanlab extra) fed out-of-fold logreg probabilities and that graph.
+
+    \b
+    Example:
+        embedpipe audit cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --out reports/elpv-audit
+        embedpipe audit cache/photos-...h5 --out reports/photos-audit --threshold 0.95
+    """
+    from ..explore import audit as run_audit
+    from ..explore.audit import DUPLICATE_THRESHOLD, LEAKAGE_THRESHOLD
+    from ..explore.pages import summary_lines
+
+    result = run_audit(embeddings, out=out, threshold=DUPLICATE_THRESHOLD if threshold is None else threshold,
+                       leakage_threshold=LEAKAGE_THRESHOLD if leakage_threshold is None else leakage_threshold,
+                       k=k, folds=folds, seed=seed, output=output, device=device, thumbnails=thumbnails)
+    for line in summary_lines(result):
+        click.echo(line)
+    near = result.nearest_similarity
+    click.echo(f"nearest-neighbour similarity: 1% {near['p1']:.3f}, median {near['median']:.3f}, 99% {near['p99']:.3f}")
+    if result.chained():
+        click.echo(f"warning: one duplicate group holds {result.chained()} of {result.rows} images: at {result.threshold:g} this "
+                   "backbone joins distinct images; raise --threshold and --leakage-threshold (e.g. to the 99% similarity)", err=True)
+    click.echo(f"report: {result.out / 'audit.html'}", err=True)
+
+
+COMMANDS = (neighbors, export, audit)
