@@ -39,11 +39,12 @@ from .knn import search
 logger = logging.getLogger(__name__)
 
 # Cosine similarity at and above which two rows are called near duplicates. Measured with the default
-# backbone (tf_efficientnet_lite0) on 68 tiles of 17 scikit-image photos with 96 planted copies (JPEG
-# re-encoded at quality 70, resized to 80%, mirrored, 4 px cropped from each side): at 0.90 the audit
-# found 96.9% of the copies at 95.1% precision; 0.85 found all at 90.2%, 0.95 found 79%. Images that
-# differ only in noise (ELPV's blank cells, patches of one texture) score higher than that when they
-# are distinct; the audit reports the dataset's nearest-neighbour similarities so you can tell.
+# backbone (tf_efficientnet_lite0) on 56 quarter-tiles of 14 scikit-image photos with 96 planted copies
+# (JPEG re-encoded at quality 70, resized to 80%, mirrored, 4 px cropped from each side; the data of
+# tests/test_explore.py): at 0.90 the audit found 96.9% of the copies at 95.9% precision. Images that
+# differ only in noise (ELPV's blank cells, patches of one texture) score higher
+# than that when they are distinct; the audit reports the dataset's nearest-neighbour similarities and
+# warns when a group grows too large to be copies (AuditResult.chained).
 DUPLICATE_THRESHOLD = 0.90
 # Two rows in different splits are joined from this similarity up: a missed leak inflates every test
 # number, a false alarm costs a look. On the same 96 copies 0.85 found every one (90.2% precision).
