@@ -1,4 +1,4 @@
-"""The explore commands (neighbors, export, audit, map): each parses, calls one :mod:`embedpipe.explore` function, prints.
+"""The explore commands (neighbors, export, audit): each parses, calls one :mod:`embedpipe.explore` function, prints.
 
 Kept beside the pipeline commands of :mod:`embedpipe.cli` (which registers them) so neither file
 outgrows one screenful of concerns; heavy imports stay inside the command bodies.

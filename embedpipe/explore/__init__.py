@@ -1,4 +1,4 @@
-"""Put cached embeddings to work beyond a classifier: neighbours, a duplicates/leakage/label audit, a map, exports.
+"""Put cached embeddings to work beyond a classifier: neighbours, a duplicates/leakage/label audit, exports.
 
 - :func:`neighbors`: exact cosine top-k within an exported file, or for new images (through the cache)
 - :func:`search`: the same search on plain arrays (:mod:`.knn`)
@@ -6,7 +6,7 @@
 - :func:`export`: Parquet, NumPy + JSON, a FAISS index, a Lance table (:mod:`.export`)
 
 Every function reads an exported file through :func:`embedpipe.load`; torch and the optional
-extras (pyarrow, faiss, lance, cleanlab, umap-learn) are imported when a function needs them.
+extras (pyarrow, faiss, lance, cleanlab) are imported when a function needs them.
 """
 
 from __future__ import annotations
