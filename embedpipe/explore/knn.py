@@ -1,4 +1,4 @@
-"""Exact cosine top-k on arrays: the one search every explore stage (neighbours, audit, map, bench) runs.
+"""Exact cosine top-k on arrays: the one search every explore stage (neighbours, audit) runs.
 
 Rows are L2-normalised, so a dot product is the cosine similarity. The (queries x bank) similarity
 matrix is never held whole: queries go in blocks sized so that one block of similarities takes
