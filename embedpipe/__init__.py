@@ -7,6 +7,8 @@ room, from the function a notebook calls down to the files it writes:
 - :mod:`embedpipe.cache`: the store, exports and their housekeeping (``cache_list/info/verify/remove``)
 - :mod:`embedpipe.heads`: the heads and their stage (``fit_head``, ``evaluate``, ``predict``)
 - :mod:`embedpipe.finetune`: ``fine_tune`` (the loop, the recipe, the run folder)
+- :mod:`embedpipe.explore`: ``neighbors``, ``audit``, ``export`` (neighbours, duplicates and
+  label issues, other formats)
 - :mod:`embedpipe.bench`: ``bench`` and ``report`` (``from embedpipe.bench import bench``: the name
   ``embedpipe.bench`` is the package)
 
@@ -29,6 +31,7 @@ from .errors import (
     CacheError,
     DataError,
     EmbedpipeError,
+    ExploreError,
     FineTuneError,
     HeadError,
     ImageDecodeError,
@@ -66,6 +69,7 @@ __all__ = [
     "DataError",
     "EmbeddingConfig",
     "EmbedpipeError",
+    "ExploreError",
     "ExtractResult",
     "FineTuneConfig",
     "FineTuneError",

@@ -16,6 +16,7 @@ code  error                 what went wrong
 8     BenchError            a bench cannot start, or its results are unreadable
 9     WeightsError          a weights file is unreadable or does not fit
 10    DataError             the dataset cannot be read
+11    ExploreError          neighbours, audit or export cannot run (an extra missing, bad k)
 ====  ====================  ==================================================
 """
 
@@ -78,3 +79,9 @@ class BenchError(EmbedpipeError):
     """A bench cannot start: bad grid, unknown backbone list, results of another format."""
 
     exit_code = 8
+
+
+class ExploreError(EmbedpipeError):
+    """Neighbours, audit or export cannot run: an optional extra is missing, k is out of range, an unknown format."""
+
+    exit_code = 11

@@ -26,7 +26,7 @@ from .cache.index import stat_files
 from .cache.layout import DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, is_hit, pack_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
-from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, RunConfig, SplitConfig, canonical_json
+from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, PathColumn, load_dataset
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
@@ -62,6 +62,28 @@ class ExtractResult:
 def as_spec(backbone: str | BackboneSpec) -> BackboneSpec:
     """A timm name as a :class:`BackboneSpec` with every other field at its default."""
     return BackboneSpec(name=backbone) if isinstance(backbone, str) else backbone
+
+
+def spec_of(attrs: dict[str, Any]) -> BackboneSpec:
+    """The :class:`BackboneSpec` that embeds new images exactly as an exported file's were.
+
+    Its precision and dtype are the file's own, not ``auto``, so the cache key matches on any device.
+
+    Args:
+        attrs: an exported file's metadata (``embedpipe.load(...)[2]``), or a saved head's
+            ``backbone_spec`` and ``embedding_config``.
+    """
+    stored = attrs.get("backbone_spec") or {}
+    config = attrs["embedding_config"]
+    return BackboneSpec(
+        name=stored.get("name", config["backbone"]),
+        weights=stored.get("weights"),
+        pretrained=stored.get("pretrained", True),
+        outputs=tuple(config["outputs"]),
+        precision=config["precision"],
+        dtype=config["dtype"],
+        preprocess=PreprocessConfig.from_dict(config["preprocess"]).to_dict(),
+    )
 
 
 def resolve(backbone: str | BackboneSpec, device: str, *, cache_dir: str | Path | None = None) -> EmbeddingConfig:
@@ -315,15 +337,19 @@ def load(path: str | Path, *, output: str = "embeddings", split: str | None = No
 
     Returns:
         ``(X, y, meta)``: X float32 (N, D); y int64 (N,), -1 when unlabelled; meta a
-        dict with ``paths``, ``split``, ``class_names``, ``errors`` and the stored attributes.
+        dict with ``paths``, ``split``, ``class_names``, ``digests`` (sha256 of each image file),
+        ``errors`` and the stored attributes.
     """
     loaded = read_export(path, outputs=[output])
     X, y, paths, split_column = loaded.arrays[output], loaded.labels, loaded.paths, loaded.split
+    digests = loaded.digests
     if split is not None:
         if split_column is None:
             raise CacheError(f"{path} has no split: load it without split=, or extract labelled data")
         keep = split_column == split
-        X, y, paths, split_column = X[keep], y[keep], [p for p, k in zip(paths, keep) if k], split_column[keep]
+        X, y, split_column = X[keep], y[keep], split_column[keep]
+        paths, digests = [p for p, k in zip(paths, keep) if k], [d for d, k in zip(digests, keep) if k]
     meta = dict(loaded.attrs)
-    meta.update(paths=paths, split=split_column, errors=loaded.errors, class_names=list(loaded.attrs.get("class_names", [])))
+    meta.update(paths=paths, split=split_column, digests=digests, errors=loaded.errors,
+                class_names=list(loaded.attrs.get("class_names", [])))
     return X, y, meta

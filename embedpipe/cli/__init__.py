@@ -17,6 +17,7 @@ import click
 
 from ..config import AUGMENTS, MONITORS, SCHEDULES, FineTuneConfig
 from ..examples import EXAMPLES
+from .explore import COMMANDS as EXPLORE_COMMANDS
 from .options import FRACTION, POSITIVE, backbone_options, backbone_spec, handle_errors, progress_factory, run_config
 
 logger = logging.getLogger("embedpipe")
@@ -592,6 +593,10 @@ def cache_rm(targets: tuple[str, ...], cache_dir: str, everything: bool) -> None
         raise click.UsageError("name what to remove (a file, a store key or a backbone), or pass --all")
     for removed in cache_remove(list(targets), cache_dir=cache_dir, everything=everything):
         click.echo(f"removed {removed}")
+
+
+for _command in EXPLORE_COMMANDS:  # neighbors, export, audit, map: in cli/explore.py
+    cli.add_command(_command)
 
 
 def main() -> None:

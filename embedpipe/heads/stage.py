@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from .._progress import ProgressFactory, no_progress
-from ..config import BackboneSpec, PreprocessConfig, RunConfig
+from ..config import RunConfig
 from ..errors import HeadError
 from ..evaluate import classification_metrics, diagnose
-from ..extraction import extract, load
+from ..extraction import extract, load, spec_of
 from .headfile import HeadInfo, load_head, save_head
 from .registry import HEADS
 
@@ -221,19 +221,8 @@ def predict(
         (path, reason) of images that could not be read.
     """
     head, info = load_head(head_path)
-    stored = info.get("backbone_spec") or {}
-    config = info["embedding_config"]
     # The head's own precision and dtype, so the cache key matches whatever device this runs on.
-    spec = BackboneSpec(
-        name=stored.get("name", config["backbone"]),
-        weights=stored.get("weights"),
-        pretrained=stored.get("pretrained", True),
-        outputs=tuple(config["outputs"]),
-        precision=config["precision"],
-        dtype=config["dtype"],
-        preprocess=PreprocessConfig.from_dict(config["preprocess"]).to_dict(),
-    )
-    result = extract(source, spec, cache_dir=cache_dir, run=run, progress=progress)
+    result = extract(source, spec_of(info), cache_dir=cache_dir, run=run, progress=progress)
     X, _, meta = load(result.path, output=info.get("output", "embeddings"))
     _check_same_pipeline(info, meta, str(result.path))
     _check_width(head, X, str(result.path))

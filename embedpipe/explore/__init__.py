@@ -1,0 +1,19 @@
+"""Put cached embeddings to work beyond a classifier: neighbours, a duplicates/leakage/label audit, exports.
+
+- :func:`neighbors`: exact cosine top-k within an exported file, or for new images (through the cache)
+- :func:`search`: the same search on plain arrays (:mod:`.knn`)
+- :func:`audit`: duplicates, leakage across splits, label issues, outliers; audit.json + audit.html (:mod:`.audit`)
+- :func:`export`: Parquet, NumPy + JSON, a FAISS index, a Lance table (:mod:`.export`)
+
+Every function reads an exported file through :func:`embedpipe.load`; torch and the optional
+extras (pyarrow, faiss, lance, cleanlab) are imported when a function needs them.
+"""
+
+from __future__ import annotations
+
+from .audit import DUPLICATE_THRESHOLD, AuditResult, audit
+from .export import FORMATS, Exported, export, read_metadata
+from .knn import Search, normalize, search
+from .neighbors import COLUMNS, Neighbors, faiss_search, neighbors
+
+__all__ = ["COLUMNS", "DUPLICATE_THRESHOLD", "AuditResult", "audit", "FORMATS", "Exported", "Neighbors", "Search", "export", "faiss_search", "neighbors", "normalize", "read_metadata", "search"]
