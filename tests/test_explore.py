@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from embedpipe import BackboneSpec, ExploreError, RunConfig, extract, load
