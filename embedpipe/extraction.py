@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,9 @@ import numpy as np
 
 from ._progress import ProgressFactory, no_progress
 from .cache import COMPACT_SHARDS, ExportMeta, ExportRequest, FileIndex, Store, export_name, read_attrs, read_export, write_export
+from .cache.export import read_ledger, verify_export
 from .cache.index import stat_files
+from .cache.store import ShardReadError
 from .cache.layout import DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, is_hit, pack_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
@@ -196,12 +199,16 @@ def extract(
         attrs = read_attrs(path)
         computed, forward_seconds = 0, 0.0
         cache_hit = bool(attrs) and attrs.get("dataset_fingerprint") == fingerprint and attrs.get("cache_key") == config.key()
+        if cache_hit and (problems := verify_export(path)):
+            # Named right but damaged (bit flips, truncation, a foreign edit): rebuilt from the store, never served.
+            logger.warning("replacing %s, which is damaged (%s); its rows are rebuilt from the store", path, problems[0])
+            cache_hit = False
         if not cache_hit:
             meta = ExportMeta(config=config, dataset_fingerprint=fingerprint, backbone_spec=spec.to_dict(),
                               class_names=tuple(dataset.class_names), dataset=dataset.describe(),
                               split_seed=dataset.split_config.seed if dataset.split_config else -1)
             computed, forward_seconds = _fill_and_export(path, dataset, digests, meta, spec, device, run, ranks, progress)
-    failed = read_export(path, outputs=[]).errors
+    failed = read_ledger(path)
     if cache_hit:
         _raise_on_failures(run, failed)
     dims = dict((read_attrs(path) or {}).get("dims", {}))
@@ -231,9 +238,10 @@ def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: S
         kept = source >= 0
         digests[kept] = snapshot.digests[source[kept]]
         todo = np.flatnonzero(~kept)
-    mine = ranks.share(todo.tolist())
+    mine = ranks.share(todo)
     with progress("hashing", len(todo)) as advance:
-        hashed = index.digests(PathColumn(paths.base, [paths.relpaths[i] for i in mine]), stats=stats[mine], progress=advance)
+        hashed = index.digests(PathColumn(paths.base, [paths.relpaths[i] for i in mine.tolist()]), stats=stats[mine],
+                               progress=advance)
     digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
     return digests
 
@@ -250,28 +258,43 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
     # its ranks write their own shards side by side.
     with store.lock() if ranks.is_main else contextlib.nullcontext():
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
-        index = store.index()
-        ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
-        failed_before = np.array([d in index.errors for d in digests.tolist()], dtype=bool) if index.errors else None
-        if failed_before is not None:
-            _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
-        missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
-        _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
-        todo = np.flatnonzero(missing)[np.sort(first)]
-        base = str(dataset.base)
-        mine = ranks.share(todo.tolist())
-        own = _compute(store, digests[mine], [f"{base}/{dataset.relpaths[i]}" for i in mine], spec, device, run, progress,
-                       own_shards=ranks.world > 1)
-        timings = ranks.gather(own)  # also waits for every rank's last shard
-        if ranks.is_main:
+        computed, seconds = 0, 0.0
+        for attempt in range(3):
+            timings = _fill(store, dataset, digests, spec, device, run, ranks, progress)
+            computed, seconds = computed + sum(t[1] for t in timings), max(seconds, *(t[0] for t in timings))
+            if not ranks.is_main:
+                break
             if ranks.world > 1:
                 store.compact()
             request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
-            write_export(path, store, store.index(), request)
+            try:
+                write_export(path, store, store.index(), request)
+                break
+            except ShardReadError as damaged:  # moved aside, then its rows are computed again
+                store.quarantine(damaged.shard, damaged.error)
+                if ranks.world > 1 or attempt == 2:
+                    raise
         ranks.barrier()  # the export is complete before any rank reports it
-    return sum(t[1] for t in timings), max(t[0] for t in timings)
+    return computed, seconds
+
+
+def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
+          ranks: Ranks, progress: ProgressFactory) -> list[tuple[float, int]]:
+    """Embed the images whose digests the store lacks, each rank its share; every rank's (seconds, images)."""
+    index = store.index()
+    ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
+    failed_before = np.array([d in index.errors for d in digests.tolist()], dtype=bool) if index.errors else None
+    if failed_before is not None:
+        _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
+    missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
+    _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
+    todo = np.flatnonzero(missing)[np.sort(first)]
+    mine = ranks.share(todo)
+    paths = PathColumn(str(dataset.base), [dataset.relpaths[i] for i in mine.tolist()])
+    own = _compute(store, digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
+    return ranks.gather(own)  # also waits for every rank's last shard
 
 
 def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
@@ -283,7 +306,7 @@ def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
 def _compute(
     store: Store,
     digests: np.ndarray,
-    paths: list[str],
+    paths: Sequence[str],
     spec: BackboneSpec,
     device: str,
     run: RunConfig,

@@ -51,7 +51,7 @@ class ImageFiles(torch.utils.data.Dataset):
     """Decodes and crops one image per item; a bad file yields its error, not a neighbour."""
 
     def __init__(self, paths: Sequence[str | Path], config: EmbeddingConfig) -> None:
-        self.paths = [str(p) for p in paths]
+        self.paths = paths  # read one at a time: a lazy column of a million paths stays lazy
         self.transform = eval_transform(config.preprocess)
         self.draft_to = resize_target(config.preprocess) if config.preprocess.jpeg_draft else None
         c, h, w = config.preprocess.input_size
@@ -62,7 +62,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         try:
-            image = decode_image(self.paths[index], draft_to=self.draft_to)
+            image = decode_image(str(self.paths[index]), draft_to=self.draft_to)
             return index, self.transform(image), ""
         except DECODE_ERRORS as error:
             reason = f"{type(error).__name__}: {error}".strip()

@@ -151,3 +151,83 @@ def test_a_damaged_snapshot_is_ignored_not_trusted(tree_copy: Path, tmp_path: Pa
     assert again.cache_hit and again.path == first.path  # answered the slow way, from the export itself
     shutil.rmtree(cache / "listings")
     assert embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run).cache_hit
+
+
+def _flip_byte_in(path: Path, dataset: str) -> None:
+    """Flip the lowest bit of a contiguous dataset's first byte, as bit rot would (label 0 -> 1: still a valid class)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("dataset", ["labels", "digests"])
+def test_a_damaged_export_is_found_and_rebuilt_byte_for_byte(tree_copy: Path, tmp_path: Path, spec: BackboneSpec,
+                                                            run: RunConfig, dataset: str) -> None:
+    cache = tmp_path / "cache"
+    first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    clean = first.path.read_bytes()
+    _flip_byte_in(first.path, dataset)
+    problems = embedpipe.cache_verify(first.path)
+    assert any(dataset in p for p in problems), problems
+    with pytest.raises(embedpipe.CacheError, match=dataset):
+        embedpipe.load(first.path)
+    again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert not again.cache_hit and again.computed == 0 and again.path == first.path
+    assert first.path.read_bytes() == clean and embedpipe.cache_verify(first.path) == []
+
+
+def test_swapped_digests_in_the_file_index_are_not_trusted(tree_copy: Path, tmp_path: Path, spec: BackboneSpec,
+                                                           run: RunConfig) -> None:
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    _settle(tree_copy)
+    first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    reference = embedpipe.load(first.path)[0]
+    with sqlite3.connect(cache / "files.sqlite") as db:
+        (a, da), (b, db_) = db.execute("SELECT path, digest FROM stats ORDER BY path LIMIT 2").fetchall()
+        db.execute("UPDATE stats SET digest = ? WHERE path = ?", (db_, a))
+        db.execute("UPDATE stats SET digest = ? WHERE path = ?", (da, b))
+    first.path.unlink()
+    shutil.rmtree(cache / "listings")
+    again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    np.testing.assert_array_equal(embedpipe.load(again.path)[0], reference)
+
+
+def test_a_garbage_file_index_is_moved_aside_and_rebuilt(tree_copy: Path, tmp_path: Path, spec: BackboneSpec,
+                                                         run: RunConfig) -> None:
+    cache = tmp_path / "cache"
+    first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    (cache / "files.sqlite").write_bytes(b"not a database " * 100)
+    shutil.rmtree(cache / "listings")
+    again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert again.cache_hit and again.path == first.path
+    assert list(cache.glob("files.sqlite.damaged-*"))
+
+
+def test_a_damaged_shard_is_quarantined_and_its_rows_recomputed(tree_copy: Path, tmp_path: Path, spec: BackboneSpec,
+                                                               run: RunConfig, caplog: pytest.LogCaptureFixture) -> None:
+    import h5py
+
+    cache = tmp_path / "cache"
+    first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    clean = first.path.read_bytes()
+    shard = sorted((cache / "store").glob("*/shards/*.h5"))[0]  # one batch's shard
+    with h5py.File(shard, "r") as f:
+        damaged_rows = f["digests"].shape[0]
+        offset = f["embeddings"].id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as handle:  # 16 bytes of the embeddings' first chunk: its Fletcher-32 no longer holds
+        handle.seek(offset + 8)
+        handle.write(bytes(16))
+    first.path.unlink()
+    shutil.rmtree(cache / "listings")
+    with caplog.at_level("WARNING"):
+        again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
+    assert again.computed == damaged_rows and first.path.read_bytes() == clean
+    assert list((cache / "store").glob("*/quarantine/*.h5")) and "moved to" in caplog.text

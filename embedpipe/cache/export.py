@@ -8,6 +8,8 @@ structured) and read back by :func:`read_export`; a file of another ``format_ver
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -118,16 +120,28 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 for start in range(0, n, CHUNK_ROWS):
                     chunk = ok[start : start + CHUNK_ROWS]
                     out[start : start + len(chunk)] = store.read_rows(index, digests[chunk], output, files=shard_files)
-            f.create_dataset("labels", data=np.asarray(request.labels)[ok].astype(np.int64))
-            f.create_dataset("paths", data=[request.paths[i] for i in ok.tolist()], dtype=STR_DTYPE)
-            f.create_dataset("digests", data=digests[ok])
+            sums = {name: hashlib.sha256() for name in (*(dataset_name_for(o) for o in store.config.outputs), *CHECKSUMMED)}
+            for output in store.config.outputs:  # the rows as stored, chunk by chunk (no second copy in memory)
+                data = f[dataset_name_for(output)]
+                for start in range(0, n, CHUNK_ROWS):
+                    sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
+            columns = {
+                "labels": np.asarray(request.labels)[ok].astype(np.int64),
+                "digests": digests[ok],
+                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()],
+            }
+            for name, column in columns.items():
+                f.create_dataset(name, data=column, dtype=STR_DTYPE if name == "errors/reasons" else None)
+            _write_text_column(f, "paths", request.paths, ok)
             if request.split is not None:
-                f.create_dataset("split", data=[request.split[i] for i in ok.tolist()], dtype=STR_DTYPE)
-            errors = f.create_group("errors")
-            errors.create_dataset("paths", data=[request.paths[i] for i in failed.tolist()], dtype=STR_DTYPE)
-            errors.create_dataset(
-                "reasons", data=[index.errors.get(digests[i], "not computed") for i in failed.tolist()], dtype=STR_DTYPE
-            )
+                _write_text_column(f, "split", request.split, ok)
+            _write_text_column(f, "errors/paths", request.paths, failed)
+            for name in CHECKSUMMED:
+                if name in f:
+                    _column_digest(f[name], sums[name])
+                else:
+                    del sums[name]
+            f.attrs["checksums"] = canonical_json({name: digest.hexdigest() for name, digest in sums.items()})
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -138,9 +152,56 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
         raise CacheError(
             f"could not write {path} ({error}): free disk space or pick another --cache-dir; the computed embeddings are kept"
         ) from None
+    except BaseException:  # a shard that cannot be read back (ShardReadError), an interrupt: no half file left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     finally:
         for handle in shard_files.values():
             handle.close()
+
+
+# Every dataset of an export besides the outputs carries a sha256 in the ``checksums`` attribute, the
+# outputs too (their chunks also carry HDF5's Fletcher-32). A flipped byte in a label, a path or a
+# digest is found when the file is opened, not only by ``cache verify``.
+CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons")
+
+
+def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
+    """A UTF-8 string dataset of ``values[rows]``, written in chunks so no full copy is held."""
+    data = f.create_dataset(name, shape=(len(rows),), dtype=STR_DTYPE)
+    for start in range(0, len(rows), CHUNK_ROWS):
+        part = rows[start : start + CHUNK_ROWS].tolist()
+        data[start : start + len(part)] = [values[i] for i in part]
+
+
+def _column_digest(data: h5py.Dataset, digest: Any) -> Any:
+    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
+    text = h5py.check_string_dtype(data.dtype) is not None
+    for start in range(0, data.shape[0], CHUNK_ROWS):
+        block = data[start : start + CHUNK_ROWS]
+        if text:
+            digest.update(b"".join(bytes(v) + b"\0" for v in block))
+        else:
+            digest.update(np.ascontiguousarray(block).data)
+    return digest
+
+
+def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
+    """Datasets whose bytes differ from the ``checksums`` the file was written with (the outputs when ``outputs``)."""
+    try:
+        expected = json.loads(f.attrs["checksums"])
+    except (KeyError, ValueError, TypeError):
+        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
+    if not isinstance(expected, dict):
+        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
+    problems = []
+    for name, want in expected.items():
+        if not outputs and name not in CHECKSUMMED:
+            continue
+        if name not in f or _column_digest(f[name], hashlib.sha256()).hexdigest() != want:
+            problems.append(f"{name} does not match its checksum")
+    return problems
 
 
 @dataclass
@@ -316,6 +377,9 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
                 if not np.isfinite(array).all():
                     row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
                     raise CacheError(f"{path} has non-finite {name} (first at row {row}): {REBUILD}")
+            damaged = column_problems(f, outputs=False)
+            if damaged:
+                raise CacheError(f"{path}: {damaged[0]}: {REBUILD}")
             split = f["split"].asstr()[:] if "split" in f else None
             return Loaded(
                 arrays=arrays,
@@ -327,6 +391,15 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
                 errors=list(zip(f["errors/paths"].asstr()[:], f["errors/reasons"].asstr()[:])),
             )
     except UNREADABLE as error:
+        raise CacheError(f"{path} is not a readable HDF5 file ({first_line(error)}): {REBUILD}") from None
+
+
+def read_ledger(path: str | Path) -> list[tuple[str, str]]:
+    """An exported file's error ledger, (relative path, reason) per image that could not be decoded, read alone."""
+    try:
+        with h5py.File(path, "r") as f:
+            return list(zip(f["errors/paths"].asstr()[:], f["errors/reasons"].asstr()[:]))
+    except (*UNREADABLE, KeyError) as error:
         raise CacheError(f"{path} is not a readable HDF5 file ({first_line(error)}): {REBUILD}") from None
 
 
@@ -347,8 +420,6 @@ def verify_export(path: str | Path) -> list[str]:
                     if not np.isfinite(block).all():
                         problems.append(f"{dataset_name_for(output)} has non-finite values near row {start}")
                         break
-            for name in ("paths", "digests", "errors/paths", "errors/reasons"):
-                f[name][...]
-            return problems
+            return problems + column_problems(f, outputs=True)
     except UNREADABLE as error:
         return [f"unreadable: {first_line(error)}"]

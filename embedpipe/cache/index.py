@@ -4,11 +4,14 @@ A file's hash is trusted while its stat key (size, mtime and ctime in nanosecond
 was when it was hashed, as git's index does. ctime cannot be set back by ``touch -d``, ``cp -p`` or
 ``rsync -t``, so an in-place rewrite that restores the mtime is still seen. An entry whose mtime or
 ctime is not safely older than the moment it was hashed is "racily clean" (the file may have
-changed within the same timestamp tick) and is hashed again.
+changed within the same timestamp tick) and is hashed again. Each row also carries a short hash
+binding its digest to its path and stat key, so digests swapped between rows, or edited, are not
+trusted either; an index SQLite cannot read is moved aside and rebuilt by hashing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -54,6 +57,11 @@ def trusted(stats: np.ndarray, hashed_ns: np.ndarray | int) -> np.ndarray:
     return np.maximum(stats[:, 1], stats[:, 2]) < np.asarray(hashed_ns) - RACY_NS
 
 
+def _row_check(path: str, *fields: object) -> str:
+    """Binds a row's digest to its path and stat key: rows whose digests were swapped or edited are hashed again."""
+    return hashlib.sha256("\0".join(map(str, (path, *fields))).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 class FileIndex:
     """Remembers each file's content hash under its stat key, in SQLite (``files.sqlite``)."""
 
@@ -61,15 +69,22 @@ class FileIndex:
         self.path = Path(cache_dir) / INDEX_FILE
 
     def _connect(self) -> sqlite3.Connection:
-        try:
-            connection = sqlite3.connect(self.path, timeout=120)
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS stats (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
-                "ctime_ns INTEGER, inode INTEGER, hashed_ns INTEGER, digest TEXT)"
-            )
-        except sqlite3.DatabaseError as error:
-            raise CacheError(f"file index {self.path} is unreadable ({error}): delete it; it is rebuilt by hashing") from None
+        connection = sqlite3.connect(self.path, timeout=120)
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS stats (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            "ctime_ns INTEGER, inode INTEGER, hashed_ns INTEGER, digest TEXT, row_check TEXT)"
+        )
         return connection
+
+    def _quarantine(self, error: sqlite3.DatabaseError) -> None:
+        """Move an unreadable index aside (it only saves hashing, so nothing is lost) and say so."""
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as move:
+            raise CacheError(f"file index {self.path} is unreadable ({error}) and cannot be moved aside ({move.strerror}): "
+                             "delete it; it is rebuilt by hashing") from None
+        logger.warning("file index %s was unreadable (%s): moved to %s; files are hashed again", self.path, error, aside.name)
 
     def digests(self, paths: Sequence[str | os.PathLike[str]], *, stats: np.ndarray | None = None, threads: int = 4,
                 progress: Progress | None = None) -> np.ndarray:
@@ -88,6 +103,18 @@ class FileIndex:
         if not isinstance(paths, Sequence) or not all(isinstance(p, str) for p in paths[:1]):
             paths = [os.fspath(p) for p in paths]
         stats = stat_files(paths) if stats is None else stats
+        for attempt in (1, 2):
+            try:
+                return self._digests(paths, stats, threads, progress)
+            except sqlite3.OperationalError as error:
+                raise CacheError(f"cannot use file index {self.path} ({error}): free disk space or check permissions") from None
+            except sqlite3.DatabaseError as error:  # damaged bytes: "file is not a database", "malformed"
+                if attempt == 2 or not self.path.exists():
+                    raise CacheError(f"file index {self.path} is unreadable ({error}): delete it; it is rebuilt by hashing") from None
+                self._quarantine(error)
+        raise AssertionError("unreachable")
+
+    def _digests(self, paths: Sequence[str], stats: np.ndarray, threads: int, progress: Progress | None) -> np.ndarray:
         result = np.empty(len(paths), dtype=DIGEST_DTYPE)
         connection = self._connect()
         try:
@@ -97,18 +124,16 @@ class FileIndex:
                     result[start:end] = self._slice_digests(connection, pool, paths[start:end], stats[start:end], progress)
         except OSError as error:
             raise CacheError(f"cannot read {error.filename} ({error.strerror}): check it exists and is readable") from None
-        except sqlite3.DatabaseError as error:
-            raise CacheError(f"file index {self.path} is unreadable ({error}): delete it; it is rebuilt by hashing") from None
         finally:
             connection.close()
         return result
 
     def _slice_digests(self, connection: sqlite3.Connection, pool: ThreadPoolExecutor, paths: Sequence[str], stats: np.ndarray,
                        progress: Progress | None) -> list[str]:
-        known: dict[str, tuple[int, int, int, int, int, str]] = {}
+        known: dict[str, tuple[int, int, int, int, int, str, str]] = {}
         for start in range(0, len(paths), 900):  # SQLite caps bound parameters
             chunk = paths[start : start + 900]
-            query = ("SELECT path, size, mtime_ns, ctime_ns, inode, hashed_ns, digest FROM stats "
+            query = ("SELECT path, size, mtime_ns, ctime_ns, inode, hashed_ns, digest, row_check FROM stats "
                      f"WHERE path IN ({','.join('?' * len(chunk))})")
             for path, *entry in connection.execute(query, chunk):
                 known[path] = tuple(entry)
@@ -117,7 +142,8 @@ class FileIndex:
         stale: list[int] = []
         for i, (path, key) in enumerate(zip(paths, keys)):
             entry = known.get(path)
-            if entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS:
+            if (entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS
+                    and entry[6] == _row_check(path, *entry[:6])):
                 result.append(entry[5])
             else:
                 result.append(None)
@@ -129,7 +155,8 @@ class FileIndex:
         rows = []
         for i, digest in zip(stale, pool.map(lambda i: sha256_file(paths[i]), stale)):
             result[i] = digest
-            rows.append((paths[i], *keys[i], time.time_ns(), digest))
+            row = (paths[i], *keys[i], time.time_ns(), digest)
+            rows.append((*row, _row_check(*row)))
             if progress:
                 progress(1)
         self._save(connection, rows)
@@ -140,6 +167,6 @@ class FileIndex:
             return
         try:
             with connection:
-                connection.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        except sqlite3.Error as error:
+                connection.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.OperationalError as error:  # full disk, read-only folder, a lock held too long
             raise CacheError(f"cannot update {self.path} ({error}): free disk space or check permissions") from None

@@ -23,6 +23,7 @@ SHARD_KIND = "embedpipe-shard"
 INDEX_FILE = "files.sqlite"
 STORE_DIR = "store"
 SHARD_DIR = "shards"
+QUARANTINE_DIR = "quarantine"  # store/<key>/quarantine/: damaged shards moved aside, for a look
 STORE_CONFIG = "config.json"
 TMP_PREFIX = ".tmp-"
 DIGEST_DTYPE = "S64"  # hex sha256

@@ -13,6 +13,7 @@ import fcntl
 import io
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -25,10 +26,19 @@ import numpy as np
 from .._atomic import fsync_dir
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
-from .layout import (COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG, STR_DTYPE, TMP_PREFIX,
+from .layout import (QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG, STR_DTYPE, TMP_PREFIX,
                      dataset_name_for, store_root, visible_h5, write_or_fail)
 
 logger = logging.getLogger(__name__)
+
+
+class ShardReadError(CacheError):
+    """A committed shard's rows cannot be read back (damaged bytes); the extract stage quarantines it and recomputes."""
+
+    def __init__(self, shard: Path, error: BaseException) -> None:
+        self.shard, self.error = shard, error
+        super().__init__(f"cache shard {shard} is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+                         "rerun `embedpipe extract`, which moves it aside and recomputes its rows")
 
 
 @dataclass
@@ -126,18 +136,26 @@ class Store:
         """Read every committed shard's digests (not its data) into sorted columns."""
         parts: list[np.ndarray] = []
         errors: dict[bytes, str] = {}
-        shards = self.shards()
-        for shard in shards:
+        kept: list[Path] = []
+        for shard in self.shards():
+            kept.append(shard)
             try:
                 with h5py.File(shard, "r") as f:
-                    parts.append(f["digests"][:].astype(DIGEST_DTYPE))
-                    if "errors" in f:
-                        for digest, reason in zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:]):
-                            errors.setdefault(digest, reason)
-            except (OSError, KeyError) as error:
-                raise CacheError(
-                    f"cache shard {shard} is unreadable ({error}): delete it; only its rows are recomputed"
-                ) from None
+                    digests = f["digests"][:].astype(DIGEST_DTYPE)
+                    if f.attrs.get("cache_key") != self.key:
+                        raise ValueError("written under another embedding config")
+                    shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
+                    for output in self.config.outputs:  # the data itself is checked when read (Fletcher-32 per chunk)
+                        if f[dataset_name_for(output)].shape[0] != len(digests):
+                            raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
+                parts.append(digests)
+                for digest, reason in shard_errors:
+                    errors.setdefault(digest, reason)
+                continue
+            except (OSError, KeyError, RuntimeError, ValueError) as error:
+                self.quarantine(shard, error)
+                kept.pop()
+        shards = kept
         every = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST_DTYPE)
         shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
         row_of = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts]) if parts else np.empty(0, dtype=np.int64)
@@ -147,6 +165,18 @@ class Store:
         digests, first = np.unique(every[order], return_index=True)
         chosen = order[first]
         return StoreIndex(digests=digests, shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
+
+    def quarantine(self, shard: Path, error: BaseException) -> None:
+        """Move a shard that cannot be read or trusted aside, so its rows are recomputed, and say so."""
+        folder = self.root / QUARANTINE_DIR
+        try:
+            folder.mkdir(exist_ok=True)
+            os.replace(shard, folder / shard.name)
+        except OSError as move:
+            raise CacheError(f"cache shard {shard} is unreadable ({error}) and cannot be moved aside ({move.strerror}): "
+                             "delete it; only its rows are recomputed") from None
+        logger.warning("cache shard %s is damaged (%s): moved to %s; its rows are computed again", shard.name,
+                       str(error).splitlines()[0] if str(error) else type(error).__name__, folder)
 
     def write_shard(
         self,
@@ -189,13 +219,24 @@ class Store:
             digests: list[bytes] = []
             parts: dict[str, list[np.ndarray]] = {}
             errors: list[tuple[bytes, str]] = []
+            readable = []
             for shard in group:
-                with h5py.File(shard, "r") as f:
-                    digests.extend(f["digests"][:].tolist())
-                    for output in self.config.outputs:
-                        parts.setdefault(output, []).append(f[dataset_name_for(output)][:])
-                    if "errors" in f:
-                        errors.extend(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:]))
+                try:
+                    with h5py.File(shard, "r") as f:
+                        shard_digests = f["digests"][:].tolist()
+                        shard_parts = {output: f[dataset_name_for(output)][:] for output in self.config.outputs}
+                        shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
+                except (OSError, KeyError, RuntimeError, ValueError) as error:
+                    self.quarantine(shard, error)  # its rows are recomputed; the others are merged
+                    continue
+                readable.append(shard)
+                digests.extend(shard_digests)
+                for output, array in shard_parts.items():
+                    parts.setdefault(output, []).append(array)
+                errors.extend(shard_errors)
+            group = readable
+            if len(group) < 2:
+                continue
             merged = {name: np.concatenate(arrays) for name, arrays in parts.items()}
             self.write_shard(digests, merged, errors)
             for shard in group:  # only after the merged shard is durable
@@ -227,21 +268,26 @@ class Store:
             shard = index.shards[shard_id]
             positions = np.flatnonzero(shard_ids == shard_id)
             wanted_rows = rows[positions]
-            with contextlib.ExitStack() as stack:
-                if files is None:
-                    f = stack.enter_context(h5py.File(shard, "r"))
-                else:
-                    f = files[shard] if shard in files else files.setdefault(shard, h5py.File(shard, "r"))
-                stored = f[dataset_name_for(output)]
-                if result is None:
-                    result = np.empty((len(digests), stored.shape[1]), dtype=stored.dtype)
-                wanted = np.unique(wanted_rows)  # h5py wants increasing, unique indices
-                if wanted[-1] - wanted[0] < 4 * len(wanted):
-                    block = stored[wanted[0] : wanted[-1] + 1]  # one contiguous read beats fancy indexing
-                    result[positions] = block[wanted_rows - wanted[0]]
-                else:
-                    block = stored[wanted]
-                    result[positions] = block[np.searchsorted(wanted, wanted_rows)]
+            try:
+                with contextlib.ExitStack() as stack:
+                    if files is None:
+                        f = stack.enter_context(h5py.File(shard, "r"))
+                    else:
+                        f = files[shard] if shard in files else files.setdefault(shard, h5py.File(shard, "r"))
+                    stored = f[dataset_name_for(output)]
+                    wanted = np.unique(wanted_rows)  # h5py wants increasing, unique indices
+                    if wanted[-1] - wanted[0] < 4 * len(wanted):
+                        block = stored[wanted[0] : wanted[-1] + 1]  # one contiguous read beats fancy indexing
+                        block = block[wanted_rows - wanted[0]]
+                    else:
+                        block = stored[wanted][np.searchsorted(wanted, wanted_rows)]
+            except (OSError, KeyError, RuntimeError, ValueError) as error:  # damaged bytes: Fletcher-32, headers
+                raise ShardReadError(shard, error) from None
+            if not np.isfinite(block).all():
+                raise ShardReadError(shard, ValueError(f"non-finite {dataset_name_for(output)} rows"))
+            if result is None:
+                result = np.empty((len(digests), block.shape[1]), dtype=block.dtype)
+            result[positions] = block
         if result is None:
             raise CacheError("internal: no rows requested")
         return result
