@@ -11,7 +11,8 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 
 def fsync_dir(folder: Path) -> None:
@@ -29,8 +30,10 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never half of either.
+
+    ``data`` is the bytes, or a function that writes them to the open file (large files, streamed).
 
     Raises:
         OSError: the write failed (full disk, permissions); the temporary file is gone and
@@ -39,7 +42,10 @@ def write_atomically(path: Path, data: bytes) -> None:
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

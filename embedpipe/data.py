@@ -141,18 +141,22 @@ class Dataset:
         }
 
 
-def _dataset(root: Path, layout: str, rows: list[tuple[str, int, str | None]], **kw: Any) -> Dataset:
-    """A dataset from ``(relpath, label, split)`` rows, sorted by path."""
-    rows.sort(key=lambda row: row[0])
+def _dataset(root: Path, layout: str, groups: list[tuple[list[str], int, str | None]], **kw: Any) -> Dataset:
+    """A dataset from groups of relative paths that share a label and a split, sorted by path.
+
+    Columns are built straight from the groups (no tuple per image), and a listing that is already
+    in order, as a folder tree's usually is, is not sorted again.
+    """
     codes = {name: i for i, name in enumerate(SPLITS)}
-    return Dataset(
-        root=root,
-        layout=layout,
-        relpaths=tuple(row[0] for row in rows),
-        labels=np.fromiter((row[1] for row in rows), dtype=np.int64, count=len(rows)),
-        split_codes=np.fromiter((codes.get(row[2], -1) for row in rows), dtype=np.int8, count=len(rows)),
-        **kw,
-    )
+    relpaths = [relpath for paths, _, _ in groups for relpath in paths]
+    counts = [len(paths) for paths, _, _ in groups]
+    labels = np.repeat(np.array([label for _, label, _ in groups], dtype=np.int64), counts)
+    split_codes = np.repeat(np.array([codes.get(split, -1) for _, _, split in groups], dtype=np.int8), counts)
+    if any(a > b for a, b in zip(relpaths, relpaths[1:])):
+        order = np.array(sorted(range(len(relpaths)), key=relpaths.__getitem__), dtype=np.int64)
+        relpaths = [relpaths[i] for i in order.tolist()]
+        labels, split_codes = labels[order], split_codes[order]
+    return Dataset(root=root, layout=layout, relpaths=tuple(relpaths), labels=labels, split_codes=split_codes, **kw)
 
 
 def _is_image(name: str) -> bool:
@@ -248,9 +252,9 @@ def _load_folder(root: Path) -> Dataset:
                 f"{root} holds both class folders and {len(loose)} loose images (e.g. {loose[0].name}): "
                 "move the loose images into a class folder, or point at a folder of only unlabelled images"
             )
-        rows = [(relpath, label, None) for label, name in enumerate(class_names) for relpath in per_class[name]]
-        return _dataset(root, "folder", rows, class_names=class_names)
-    return _dataset(root, "unlabelled", [(relpath, UNLABELLED, None) for relpath in _images_under(str(root))])
+        groups = [(per_class[name], label, None) for label, name in enumerate(class_names)]
+        return _dataset(root, "folder", groups, class_names=class_names)
+    return _dataset(root, "unlabelled", [(_images_under(str(root)), UNLABELLED, None)])
 
 
 def _load_split_folders(root: Path, split_dirs: list[Path]) -> Dataset:
@@ -266,8 +270,8 @@ def _load_split_folders(root: Path, split_dirs: list[Path]) -> Dataset:
             found[split_dir.name, class_dir.name] = _images_under(str(class_dir), f"{split_dir.name}/{class_dir.name}/")
     class_names = tuple(sorted({name for (_, name), images in found.items() if images}))
     index = {name: label for label, name in enumerate(class_names)}
-    rows = [(relpath, index[name], split_name.lower()) for (split_name, name), images in found.items() for relpath in images]
-    return _dataset(root, "split-folder", rows, class_names=class_names, split_source="given")
+    groups = [(images, index[name], split_name.lower()) for (split_name, name), images in found.items() if images]
+    return _dataset(root, "split-folder", groups, class_names=class_names, split_source="given")
 
 
 def _load_manifest(manifest: Path) -> Dataset:
@@ -327,8 +331,8 @@ def _load_manifest(manifest: Path) -> Dataset:
         raise DataError(f"{manifest}: {duplicates[0]} is listed {seen[duplicates[0]]} times: list each image once")
     class_names = tuple(sorted({label for _, _, label, _ in records if label is not None}))
     index = {name: i for i, name in enumerate(class_names)}
-    rows = [(relpath, index[label] if label is not None else UNLABELLED, split) for _, relpath, label, split in records]
-    return _dataset(manifest, "manifest", rows, class_names=class_names, split_source="given" if has_split else "none")
+    groups = [([relpath], index[label] if label is not None else UNLABELLED, split) for _, relpath, label, split in records]
+    return _dataset(manifest, "manifest", groups, class_names=class_names, split_source="given" if has_split else "none")
 
 
 def _rank(seed: int, relpath: str) -> bytes:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import zipfile
@@ -37,9 +36,11 @@ _ARRAYS = ("paths_blob", "paths_offsets", "labels", "split_codes", "stats", "dig
 
 def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings as one UTF-8 buffer and int64 end offsets (Arrow's layout): no object per string on disk."""
-    encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
-    offsets = np.cumsum(np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded)))
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+    joined = "".join(strings).encode("utf-8", "surrogateescape")
+    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+    if len(joined) != int(lengths.sum()):  # some non-ASCII text: byte lengths differ from character counts
+        lengths = np.fromiter((len(s.encode("utf-8", "surrogateescape")) for s in strings), dtype=np.int64, count=len(strings))
+    return np.frombuffer(joined, dtype=np.uint8), np.cumsum(lengths)
 
 
 def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
@@ -52,7 +53,7 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in _ARRAYS:
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+        digest.update(np.ascontiguousarray(arrays[name]).data)
     return digest.hexdigest()
 
 
@@ -123,11 +124,9 @@ class Listings:
                                                   "export": export.name, "dims": dims}).encode(), dtype=np.uint8),
         }
         arrays["checksum"] = np.frombuffer(_checksum(arrays).encode(), dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.path(key), buffer.getvalue())
+            write_atomically(self.path(key), lambda handle: np.savez(handle, **arrays))  # streamed: no copy in memory
 
 
 def export_stat(path: Path) -> np.ndarray:
