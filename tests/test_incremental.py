@@ -191,9 +191,9 @@ def test_swapped_digests_in_the_file_index_are_not_trusted(tree_copy: Path, tmp_
     first = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
     reference = embedpipe.load(first.path)[0]
     with sqlite3.connect(cache / "files.sqlite") as db:
-        (a, da), (b, db_) = db.execute("SELECT path, digest FROM stats ORDER BY path LIMIT 2").fetchall()
-        db.execute("UPDATE stats SET digest = ? WHERE path = ?", (db_, a))
-        db.execute("UPDATE stats SET digest = ? WHERE path = ?", (da, b))
+        (a, da), (b, db_) = db.execute("SELECT path, digest FROM stats_v2 ORDER BY path LIMIT 2").fetchall()
+        db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (db_, a))
+        db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (da, b))
     first.path.unlink()
     shutil.rmtree(cache / "listings")
     again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)

@@ -34,6 +34,9 @@ _HASH_SLICE = 2048  # files looked up, hashed and saved to the index at a time (
 # mtimes to 2 s, so a change within that window after hashing may leave every stat field equal.
 RACY_NS = 2_000_000_000
 STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
+# The table's name carries its layout's version: an index written by an older embedpipe (another
+# table, other columns) is simply not read, and its files are hashed once more.
+TABLE = "stats_v2"
 
 
 def stat_files(paths: Sequence[str]) -> np.ndarray:
@@ -71,7 +74,7 @@ class FileIndex:
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=120)
         connection.execute(
-            "CREATE TABLE IF NOT EXISTS stats (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
             "ctime_ns INTEGER, inode INTEGER, hashed_ns INTEGER, digest TEXT, row_check TEXT)"
         )
         return connection
@@ -133,7 +136,8 @@ class FileIndex:
         known: dict[str, tuple[int, int, int, int, int, str, str]] = {}
         for start in range(0, len(paths), 900):  # SQLite caps bound parameters
             chunk = paths[start : start + 900]
-            query = ("SELECT path, size, mtime_ns, ctime_ns, inode, hashed_ns, digest, row_check FROM stats "
+            query = ("SELECT path, size, mtime_ns, ctime_ns, inode, hashed_ns, digest, row_check "
+                     f"FROM {TABLE} "
                      f"WHERE path IN ({','.join('?' * len(chunk))})")
             for path, *entry in connection.execute(query, chunk):
                 known[path] = tuple(entry)
@@ -167,6 +171,6 @@ class FileIndex:
             return
         try:
             with connection:
-                connection.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                connection.executemany(f"INSERT OR REPLACE INTO {TABLE} VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.OperationalError as error:  # full disk, read-only folder, a lock held too long
             raise CacheError(f"cannot update {self.path} ({error}): free disk space or check permissions") from None
