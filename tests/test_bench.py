@@ -269,7 +269,8 @@ var __ce=console.error;console.error=function(){window.__errors.push('console.er
 window.addEventListener('load',function(){
  var imgs=Array.prototype.slice.call(document.images);
  var out={images:imgs.map(function(i){return {w:i.naturalWidth,h:i.naturalHeight,complete:i.complete,shown:i.getBoundingClientRect().width};}),
-  rows:document.querySelectorAll('table tbody tr').length,errors:window.__errors,title:document.title,
+  rows:document.querySelectorAll('table tbody tr').length,points:document.querySelectorAll('.map .pt').length,
+  errors:window.__errors,title:document.title,
   text:document.body.innerText.length};
  var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);});
 </script>"""
