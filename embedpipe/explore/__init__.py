@@ -4,6 +4,8 @@
 - :func:`search`: the same search on plain arrays (:mod:`.knn`)
 - :func:`audit`: duplicates, leakage across splits, label issues, outliers; audit.json + audit.html (:mod:`.audit`)
 - :func:`map_embeddings`: a 2-D projection (PCA, or UMAP); map.png + map.html (:mod:`.map`)
+- :func:`retrieval_quality`, :func:`split_leakage`: recall@k and mAP@R of one split against another, and
+  duplicates across them (:mod:`.retrieval`, :mod:`.leakage`; the bench reports both per backbone)
 - :func:`export`: Parquet, NumPy + JSON, a FAISS index, a Lance table (:mod:`.export`)
 
 Every function reads an exported file through :func:`embedpipe.load`; torch and the optional
@@ -16,6 +18,8 @@ from .audit import DUPLICATE_THRESHOLD, AuditResult, audit
 from .export import FORMATS, Exported, export, read_metadata
 from .knn import Search, normalize, search
 from .map import METHODS, MapResult, map_embeddings, project
+from .leakage import Leakage, split_leakage
 from .neighbors import COLUMNS, Neighbors, faiss_search, neighbors
+from .retrieval import RECALL_AT, Retrieval, retrieval_quality
 
-__all__ = ["COLUMNS", "DUPLICATE_THRESHOLD", "AuditResult", "audit", "FORMATS", "Exported", "METHODS", "MapResult", "Neighbors", "Search", "export", "faiss_search", "map_embeddings", "neighbors", "normalize", "project", "read_metadata", "search"]
+__all__ = ["COLUMNS", "DUPLICATE_THRESHOLD", "AuditResult", "audit", "FORMATS", "Exported", "Leakage", "METHODS", "RECALL_AT", "Retrieval", "MapResult", "Neighbors", "Search", "export", "faiss_search", "map_embeddings", "neighbors", "normalize", "project", "read_metadata", "retrieval_quality", "search", "split_leakage"]
