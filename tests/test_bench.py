@@ -358,7 +358,8 @@ def test_bench_rows_carry_the_backbones_retrieval_quality_and_no_false_leakage(b
         for r in rows:  # measured once per backbone, the same on each of its rows
             assert (r["knn_recall_at_1"], r["knn_recall_at_5"], r["knn_map_at_r"]) == pytest.approx(expected, abs=1e-6)
             assert r["knn_queries"] == int(test.sum())
-        assert rows[0]["leakage_check"] == "0 test images are byte-identical to train images; near duplicates not checked (no threshold given)"
+        assert rows[0]["leakage_check"] == ("test images with a byte-identical train image: 0 of "
+                                            f"{int(test.sum())}; near duplicates not checked (no threshold given)")
     assert "mAP@R" in (result.out / "report.html").read_text()
 
 
@@ -381,9 +382,10 @@ def test_a_planted_train_test_copy_becomes_a_warning_row(tmp_path: Path) -> None
     assert [(w["backbone"], w["exact_pairs"], w["near_pairs"]) for w in result.warnings] == [("test_resnet", 1, 0)]
     warning = result.warnings[0]
     assert f"{copy} = {files[0]} (identical file)" == warning["examples"] and "inflated" in warning["message"]
-    assert result.report.headline[0].startswith("Leakage (test_resnet): 1 test images are byte-identical")
+    assert result.report.headline[0] == ("Leakage (test_resnet): test images with a byte-identical train image: 1 of 7: the test "
+                                         "numbers are inflated; remove the copies from test (or train) and rerun.")
     assert "Warnings" in (result.out / "report.html").read_text() and copy in (result.out / "report.html").read_text()
-    assert text_table_lines(result)[-1].startswith("warning: test_resnet: 1 test images")
+    assert text_table_lines(result)[-1].startswith("warning: test_resnet: test images with a byte-identical train image: 1 of 7")
     # Kept by a resume that refits nothing, and re-rendered from the stored records.
     again = _bench(root / "manifest.csv", tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",),
                    shots=("all",), seeds=1, skip_existing=True, leakage_threshold=0.9)

@@ -168,7 +168,7 @@ def leakage_record(base: dict[str, Any], leakage: Any, paths: list[str]) -> dict
     examples = "; ".join(f"{paths[a]} = {paths[b]} ({how})" for a, b, how in pairs[:5]) + ("; ..." if len(pairs) > 5 else "")
     return {**base, "record": "warning", "warning": "leakage", "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
             "run_id": "", "head": None, "shots": None, "seed": None, "error": None,
-            "message": f"{leakage.describe()}: the test numbers are inflated; remove the copies from test (or train) and rerun",
+            "message": f"{leakage.found()}: the test numbers are inflated; remove the copies from test (or train) and rerun",
             "exact_pairs": len(leakage.exact), "near_pairs": len(leakage.near), "near_threshold": leakage.threshold,
             "examples": examples}
 

@@ -37,16 +37,25 @@ class Leakage:
     splits: tuple[str, str] = ("test", "train")
     checked: dict[str, int] = field(default_factory=dict)  # rows of each split
 
+    def found(self) -> str:
+        """What was found, in one line ("" when nothing was)."""
+        a, b = self.splits
+        total = self.checked.get(a, 0)
+        parts = [f"{a} images with a byte-identical {b} image: {len(self.exact)} of {total}"] if self.exact else []
+        if self.near:
+            parts.append(f"with a {b} image at cosine >= {self.threshold:g}: {len(self.near)} more")
+        return "; ".join(parts)
+
     def describe(self) -> str:
         """One line: what was checked and found."""
         a, b = self.splits
-        parts = [f"{len(self.exact)} {a} images are byte-identical to {b} images"]
+        parts = [f"{a} images with a byte-identical {b} image: {len(self.exact)} of {self.checked.get(a, 0)}"]
         if self.threshold is None:
             parts.append("near duplicates not checked (no threshold given)")
         elif self.inconclusive:
             parts.append(f"near duplicates (cosine >= {self.threshold:g}) not reported: {self.inconclusive}")
         else:
-            parts.append(f"{len(self.near)} more have a {b} image at cosine >= {self.threshold:g}")
+            parts.append(f"with a {b} image at cosine >= {self.threshold:g}: {len(self.near)} more")
         return "; ".join(parts)
 
 
