@@ -169,7 +169,7 @@ class Bench(Harness):
             chosen = self.select(variant, base) if variant != base else self.select(variant)
             if not chosen.reps:
                 continue
-            ratio = None if variant == base else chosen.median(lambda g: g[base]["seconds"] / g[variant]["seconds"])
+            ratio = None if variant == base else chosen.median(lambda g, v=variant, b=base: g[b]["seconds"] / g[v]["seconds"])
             seconds, gflops, peak = (chosen.value(variant, k) for k in ("seconds", "gflops", "peak_bytes"))
             agree, gap = chosen.value(variant, "agree"), chosen.value(variant, "max_similarity_difference")
             goal = "" if ratio is None or variant.startswith("faiss") else ("pass" if ratio >= GOAL else "**miss**")
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args)
     out = results_path("neighbors", bench.info, out=args.out, suffix=f"-n{args.n}")
     bench.run()
-    title = [f"all-pairs top-{args.k}: {args.n} x {args.dims} float32 on {bench.device} ({bench.info.get('cpu', '')}, "
-             f"{bench.info.get('torch_threads')} threads); auto precision here = {bench.low}",
-             f"FLOP rate = 2 N^2 D / seconds = {bench.flops / 1e9:.0f} GFLOP / seconds; ratio = the plain matmul's seconds over "
-             "the variant's, per repetition (median)"]
+    title = [(f"all-pairs top-{args.k}: {args.n} x {args.dims} float32 on {bench.device} ({bench.info.get('cpu', '')}, "
+              f"{bench.info.get('torch_threads')} threads); auto precision here = {bench.low}"),
+             (f"FLOP rate = 2 N^2 D / seconds = {bench.flops / 1e9:.0f} GFLOP / seconds; ratio = the plain matmul's seconds "
+              "over the variant's, per repetition (median)")]
     bench.finish(title, HEADER, bench.table(), started=started, out=out)
     return 0
 

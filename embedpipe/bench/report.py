@@ -582,7 +582,7 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
         f'{len({str(s["shots"]) for s in summaries})} label budgets × {len({r["seed"] for r in runs})} seeds; '
         f"frozen features, one extraction per backbone.</p>",
         '<ul class="lead">' + "".join(f"<li>{e(line)}</li>" for line in lines) + "</ul>",
-        *([f'<div class="warn"><strong>Warnings</strong><ul>' + "".join(
+        *(['<div class="warn"><strong>Warnings</strong><ul>' + "".join(
             f"<li>{e(w['backbone'])}: {e(w['message'])}. Pairs (test = train): {e(w.get('examples') or '')}</li>" for w in warnings)
            + "</ul></div>"] if warnings else []),
         "<h2>Results</h2>",

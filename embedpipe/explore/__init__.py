@@ -17,8 +17,8 @@ from __future__ import annotations
 from .audit import DUPLICATE_THRESHOLD, AuditResult, audit
 from .export import FORMATS, Exported, export, read_metadata
 from .knn import Search, normalize, search
-from .map import METHODS, MapResult, map_embeddings, project
 from .leakage import Leakage, split_leakage
+from .map import METHODS, MapResult, map_embeddings, project
 from .neighbors import COLUMNS, Neighbors, faiss_search, neighbors
 from .retrieval import RECALL_AT, Retrieval, retrieval_quality
 

@@ -224,9 +224,9 @@ def map_page(result: Any, *, colours: dict[str, str], axes: tuple[str, str], thu
                      for n, c in colours.items())
     legend += "".join(f'<span><span class="k" style="background:#889;{shapes[s]}"></span>{s}</span>'
                       for s in ("train", "val", "test") if s in result.splits)
-    body = [f'<p class="lead">Each point is an image; hover over one to see it{"" if inlined else " (no thumbnails: set --thumbnails)"}. '
-            "Colour: its class; shape: its split (circle train, square val, triangle test). Points close together "
-            "have similar embeddings.</p>",
+    body = [(f'<p class="lead">Each point is an image; hover over one to see it{"" if inlined else " (no thumbnails: set --thumbnails)"}. '
+             "Colour: its class; shape: its split (circle train, square val, triangle test). Points close together "
+             "have similar embeddings.</p>"),
             f'<div class="legend">{legend}</div>',
             f'<div class="map" style="width:{MAP_WIDTH}px;height:{MAP_HEIGHT}px">{frame}{"".join(points)}</div>']
     how = ("PCA of the L2-normalised embeddings" if result.method == "pca" else "UMAP (cosine) of the embeddings")
