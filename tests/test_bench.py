@@ -269,7 +269,8 @@ var __ce=console.error;console.error=function(){window.__errors.push('console.er
 window.addEventListener('load',function(){
  var imgs=Array.prototype.slice.call(document.images);
  var out={images:imgs.map(function(i){return {w:i.naturalWidth,h:i.naturalHeight,complete:i.complete,shown:i.getBoundingClientRect().width};}),
-  rows:document.querySelectorAll('table tbody tr').length,errors:window.__errors,title:document.title,
+  rows:document.querySelectorAll('table tbody tr').length,points:document.querySelectorAll('.map .pt').length,
+  errors:window.__errors,title:document.title,
   text:document.body.innerText.length};
  var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);});
 </script>"""
@@ -308,3 +309,113 @@ def test_report_renders_in_headless_chromium(benched: tuple[grid.BenchResult, Pa
     seen, console = _chromium(bad, tmp_path / "profile2")
     assert seen is not None and seen["images"][0]["w"] == 0 and any("boom" in e for e in seen["errors"])
     assert any("boom" in line for line in console)
+
+
+# --------------------------------------------------------------------------- feature quality and leakage
+
+
+def brute_force_retrieval(queries: np.ndarray, q_labels: np.ndarray, bank: np.ndarray, b_labels: np.ndarray) -> tuple[float, float, float]:
+    """recall@1, recall@5 and mAP@R by the book: float64 cosine, a full stable sort, one query at a time."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    order = np.argsort(-(q.astype(np.float64) @ b.astype(np.float64).T), axis=1, kind="stable")
+    r1, r5, aps = [], [], []
+    for i, label in enumerate(q_labels):
+        rel = b_labels[order[i]] == label
+        big_r = int((b_labels == label).sum())
+        r1.append(rel[:1].any())
+        r5.append(rel[:5].any())
+        aps.append(sum(rel[:j + 1].sum() / (j + 1) for j in range(big_r) if rel[j]) / big_r)
+    return float(np.mean(r1)), float(np.mean(r5)), float(np.mean(aps))
+
+
+def test_retrieval_quality_equals_a_brute_force_computation() -> None:
+    from embedpipe.explore import retrieval_quality
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((4, 24))
+    b_labels, q_labels = rng.integers(0, 4, 300), rng.integers(0, 4, 70)
+    bank = (centres[b_labels] + 3.0 * rng.standard_normal((300, 24))).astype(np.float32)
+    queries = (centres[q_labels] + 3.0 * rng.standard_normal((70, 24))).astype(np.float32)
+    q_labels[:3] = -1  # unlabelled queries are left out
+    found = retrieval_quality(queries, q_labels, bank, b_labels, device="cpu")
+    expected = brute_force_retrieval(queries[3:], q_labels[3:], bank, b_labels)
+    assert (found.queries, found.bank, found.skipped) == (67, 300, 3)
+    assert (found.recall[1], found.recall[5], found.map_at_r) == pytest.approx(expected, abs=1e-9)
+    assert 0 < found.map_at_r < found.recall[1] < found.recall[5] < 1  # neither trivial nor perfect
+
+
+def test_bench_rows_carry_the_backbones_retrieval_quality_and_no_false_leakage(benched: tuple[grid.BenchResult, Path]) -> None:
+    from embedpipe import load
+
+    result, _ = benched
+    assert result.warnings == [] and not any(r["record"] == "warning" for r in result.records)
+    for name in BACKBONES:
+        rows = [r for r in result.records if r["record"] in ("run", "summary") and r["backbone"] == name]
+        X, y, meta = load(next(r["embeddings_file"] for r in rows if r["record"] == "run"))
+        test, train = meta["split"] == "test", meta["split"] == "train"
+        expected = brute_force_retrieval(X[test], y[test], X[train], y[train])
+        for r in rows:  # measured once per backbone, the same on each of its rows
+            assert (r["knn_recall_at_1"], r["knn_recall_at_5"], r["knn_map_at_r"]) == pytest.approx(expected, abs=1e-6)
+            assert r["knn_queries"] == int(test.sum())
+        assert rows[0]["leakage_check"] == ("test images with a byte-identical train image: 0 of "
+                                            f"{int(test.sum())}; near duplicates not checked (no threshold given)")
+    assert "mAP@R" in (result.out / "report.html").read_text()
+
+
+def test_a_planted_train_test_copy_becomes_a_warning_row(tmp_path: Path) -> None:
+    from .conftest import make_tree
+
+    root = make_tree(tmp_path / "shapes", per_class=6)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.*"))
+    rows = [("path", "label", "split")] + [(f, f.split("/")[0], ("train", "train", "test")[i % 3]) for i, f in enumerate(files)]
+    shutil.copyfile(root / files[0], root / "copy.png" if files[0].endswith(".png") else root / "copy.jpg")
+    copy = next(p.name for p in root.iterdir() if p.name.startswith("copy."))
+    rows.append((copy, files[0].split("/")[0], "test"))  # files[0] is in train
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    # Random weights put every test image above 0.99 of a train image: the guard keeps the near check from firing.
+    result = _bench(root / "manifest.csv", tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",),
+                    shots=("all",), seeds=1, leakage_threshold=0.9)
+    check = next(r["leakage_check"] for r in result.records if r["record"] == "run")
+    assert "near duplicates (cosine >= 0.9) not reported: the median test image has a train image at cosine 0.99" in check
+    assert [(w["backbone"], w["exact_pairs"], w["near_pairs"]) for w in result.warnings] == [("test_resnet", 1, 0)]
+    warning = result.warnings[0]
+    assert f"{copy} = {files[0]} (identical file)" == warning["examples"] and "inflated" in warning["message"]
+    assert result.report.headline[0] == ("Leakage (test_resnet): test images with a byte-identical train image: 1 of 7: the test "
+                                         "numbers are inflated; remove the copies from test (or train) and rerun.")
+    assert "Warnings" in (result.out / "report.html").read_text() and copy in (result.out / "report.html").read_text()
+    assert text_table_lines(result)[-1].startswith("warning: test_resnet: test images with a byte-identical train image: 1 of 7")
+    # Kept by a resume that refits nothing, and re-rendered from the stored records.
+    again = _bench(root / "manifest.csv", tmp_path / "out", tmp_path / "cache", backbones=("test_resnet",), heads=("knn",),
+                   shots=("all",), seeds=1, skip_existing=True, leakage_threshold=0.9)
+    assert again.fitted == 0 and [w["examples"] for w in again.warnings] == [warning["examples"]]
+
+
+def text_table_lines(result: grid.BenchResult) -> list[str]:
+    from embedpipe.bench import text_table
+
+    return text_table(result.summaries, result.errors, result.warnings).splitlines()
+
+
+def test_split_leakage_finds_near_copies_and_refuses_a_threshold_that_chains() -> None:
+    from embedpipe.explore import split_leakage
+
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((200, 32)).astype(np.float32)  # distinct rows: cosine ~0 between them
+    splits = np.array(["train"] * 150 + ["test"] * 50, dtype=object)
+    digests = [f"d{i}" for i in range(200)]
+    X[150] = X[3] + 0.05 * rng.standard_normal(32)  # a near copy of train row 3 in test
+    digests[151] = digests[7]  # and a byte-identical one of train row 7
+    found = split_leakage(X, digests, splits, threshold=0.9, device="cpu")
+    assert found.exact == [(151, 7)] and [(a, b) for a, b, _ in found.near] == [(150, 3)] and not found.inconclusive
+    assert split_leakage(X, digests, splits, threshold=None, device="cpu").near == []
+    # A threshold below what distinct rows reach: every test row "has a copy", so none is reported.
+    loose = split_leakage(X, digests, splits, threshold=0.1, device="cpu")
+    assert loose.near == [] and loose.exact == [(151, 7)] and "does not tell these images apart" in loose.inconclusive
+    # Test rows spread along one chain of near-identical rows: one group too large to be copies.
+    chain = np.cumsum(0.02 * rng.standard_normal((200, 32)), axis=0).astype(np.float32) + 5
+    chain[150:] = rng.standard_normal((50, 32)) * 3
+    chain[150:175] = chain[rng.choice(150, 25, replace=False)] + 0.001
+    chained = split_leakage(chain, [f"d{i}" for i in range(200)], splits, threshold=0.99, device="cpu")
+    assert chained.near == [] and "into one group" in chained.inconclusive

@@ -385,3 +385,79 @@ def test_cli_audit_and_its_page_in_headless_chromium(planted_photos: tuple[Path,
     assert seen["rows"] >= 10 and len(seen["images"]) >= 50
     for image in seen["images"]:
         assert image["complete"] and image["w"] > 20 and image["h"] > 20 and image["shown"] > 50  # decoded and laid out
+
+
+# --------------------------------------------------------------------------- map
+
+
+def test_map_pca_equals_scikit_learns_pca_of_the_normalised_rows(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    from sklearn.decomposition import PCA
+
+    from embedpipe.explore import map_embeddings
+
+    path, _ = shapes_file
+    X, y, meta = load(path)
+    result = map_embeddings(path, out=tmp_path / "map", thumbnails=10)
+    rows = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)  # documented: unit rows, not standardised
+    reference = PCA(n_components=2, svd_solver="full").fit(rows)
+    expected = reference.transform(rows)
+    signs = np.sign(np.sum(result.coordinates * expected, axis=0))  # an axis's sign is a convention
+    np.testing.assert_allclose(result.coordinates, expected * signs, atol=1e-6)
+    np.testing.assert_allclose(result.explained_variance, reference.explained_variance_ratio_, rtol=1e-6)
+    with (tmp_path / "map" / "map.csv").open() as handle:
+        stored = list(csv.DictReader(handle))
+    assert [r["path"] for r in stored] == meta["paths"] and [r["split"] for r in stored] == list(meta["split"])
+    assert [r["label"] for r in stored] == [meta["class_names"][v] for v in y]
+    np.testing.assert_allclose([[float(r["x"]), float(r["y"])] for r in stored], result.coordinates, rtol=1e-5, atol=1e-6)
+    page = (tmp_path / "map" / "map.html").read_text()
+    assert page.count('class="pt ') == len(X) and page.count("data:image/jpeg;base64,") == 10 == len(result.thumbnails)
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page) and "<script" not in page
+    with Image.open(tmp_path / "map" / "map.png") as image:
+        assert image.format == "PNG" and image.width > 400 and np.asarray(image.convert("L")).std() > 5
+
+
+def test_map_umap_without_its_extra_is_one_line_naming_it(shapes_file: tuple[Path, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedpipe.explore import map_embeddings
+
+    path, _ = shapes_file
+    monkeypatch.setitem(sys.modules, "umap", None)
+    with pytest.raises(ExploreError, match=r"pip install 'embedpipe\[umap\]'"):
+        map_embeddings(path, out=tmp_path / "map", method="umap")
+    assert not (tmp_path / "map").exists()
+    code = ("import sys; sys.modules['umap'] = None; from embedpipe.cli import main; "
+            f"sys.argv = ['embedpipe', 'map', {str(path)!r}, '--out', {str(tmp_path / 'm')!r}, '--method', 'umap']; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == ExploreError.exit_code and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: UMAP maps needs umap, which is not installed: pip install 'embedpipe[umap]'"]
+
+
+@pytest.mark.slow  # numba compiles UMAP's kernels on first use (~30 s on 2 cores)
+def test_map_umap(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    pytest.importorskip("umap")
+    from embedpipe.explore import map_embeddings
+
+    path, _ = shapes_file
+    result = map_embeddings(path, out=tmp_path / "map", method="umap", seed=0)
+    assert result.coordinates.shape == (24, 2) and np.isfinite(result.coordinates).all() and result.explained_variance is None
+    assert (tmp_path / "map" / "map.html").read_text().count('class="pt ') == 24
+
+
+def test_cli_map_and_its_page_in_headless_chromium(shapes_file: tuple[Path, Path], tmp_path: Path) -> None:
+    path, _ = shapes_file
+    out = tmp_path / "map"
+    done = subprocess.run([sys.executable, "-m", "embedpipe", "map", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("24 images mapped by PCA") and "24 with thumbnails" in done.stdout
+    assert done.stdout.splitlines()[1:] == [str(out / name) for name in ("map.png", "map.html", "map.csv")]
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it where apt works)")
+    from .test_bench import _chromium
+
+    seen, console = _chromium(out / "map.html", tmp_path / "profile")
+    assert seen is not None, "the page did not finish loading"
+    assert seen["errors"] == [] and console == [] and seen["title"].startswith("embedpipe map")
+    assert seen["points"] == 24 and len(seen["images"]) == 24  # every point, each with its thumbnail
+    for image in seen["images"]:
+        assert image["complete"] and 20 < image["w"] <= 64 and 20 < image["h"] <= 64  # decoded; shown only on hover

@@ -26,8 +26,9 @@ from ..extraction import as_spec, extract, load, resolve
 from ..finetune import fine_tune
 from ..heads import HEADS, fit_head
 from ..machine import PeakMemory, environment, resolve_device
-from .records import (ALL, BENCH_FORMAT, FINETUNE_DIR, SCRATCH, THROUGHPUT_SAMPLE, backbone_record, fit_metrics, head_protocol,
-                      parse_shots, read_finetune_run, read_results, run_key, scratch_record, session_id, write_results)
+from .records import (ALL, BENCH_FORMAT, FINETUNE_DIR, SCRATCH, THROUGHPUT_SAMPLE, backbone_record, feature_quality, fit_metrics,
+                      head_protocol, leakage_record, parse_shots, read_finetune_run, read_results, run_key, scratch_record, session_id,
+                      write_results)
 from .report import ReportResult, render, summarise
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class BenchResult:
     records: list[dict[str, Any]]  # every record written to results.json (runs, failures, summaries)
     summaries: list[dict[str, Any]]  # one per (backbone, head, shots), mean and std over seeds
     errors: list[dict[str, Any]]  # the failure records
+    warnings: list[dict[str, Any]]  # the warning records: a backbone whose test split repeats its train split
     fitted: int  # head fits run now (the rest came from --skip-existing)
     reused: int  # runs taken from the stored results
     report: ReportResult  # what was rendered: report.html, the plots, the headline
@@ -127,6 +129,7 @@ def bench(
     head_params: dict[str, dict[str, Any]] | None = None,
     baseline: str | None = None,
     finetune_runs: Sequence[str | Path] = (),
+    leakage_threshold: float | None = None,
     progress: ProgressFactory = no_progress,
 ) -> BenchResult:
     """Backbones x heads x shots x seeds on one dataset: one extraction per backbone, every head on its cached features.
@@ -134,7 +137,9 @@ def bench(
     Every head sees only its training rows' labels (``shots`` per class drawn by the seed, or the
     whole train split for ``"all"``) and chooses its hyper-parameter on a share of them it holds out;
     every row is scored on the same test split. A backbone or a fit that fails becomes a record with
-    its error and the grid goes on. Results are written after each backbone, so a killed bench
+    its error and the grid goes on. Once per backbone, the test split is also searched against the
+    train split (exact cosine kNN): its recall@1, recall@5 and mAP@R are columns of every row, and
+    test images that repeat train images become a warning record (:func:`embedpipe.explore.split_leakage`). Results are written after each backbone, so a killed bench
     resumes with ``skip_existing``.
 
     Args:
@@ -154,6 +159,11 @@ def bench(
         baseline: ``"scratch"``: also train each architecture from random initialisation on each
             label budget (needs the fine-tune stage).
         finetune_runs: fine-tune run folders to show in the report (copied into ``out/finetune/``).
+        leakage_threshold: also report test images whose most similar train image is at this cosine or
+            above (e.g. 0.9; guarded against backbones that cannot tell images apart, see
+            :func:`embedpipe.explore.split_leakage`). None (the default) reports byte-identical files
+            only: a fixed threshold fires on distinct images of look-alike data (ELPV's cells) and of
+            random-weight backbones.
         progress: progress bar factory for the extractions.
     """
     split = split or SplitConfig()
@@ -165,14 +175,18 @@ def bench(
     device = resolve_device(run.device)
     env = {f"env_{k}": v for k, v in environment(device).items()}
     out = Path(str(out).replace("{machine}", env["env_machine"]))  # results folders name the machine they ran on
-    previous = {}
+    previous, warnings = {}, {}
     if skip_existing:
-        previous = {r["run_id"]: r for r in read_results(out) if r.get("record") == "run" and not r.get("error")}
+        stored = read_results(out)
+        previous = {r["run_id"]: r for r in stored if r.get("record") == "run" and not r.get("error")}
+        for r in stored:
+            if r.get("record") == "warning":
+                warnings.setdefault(r["backbone"], []).append(r)
     elif (out / "results.json").exists():
         logger.info("overwriting %s (pass skip_existing to resume it)", out / "results.json")
     common = {"bench_format": BENCH_FORMAT, "session": session_id(), "dataset": dataset.name, "source": str(dataset.root)}
     grid = _Grid(source=source, out=out, cache_dir=cache_dir, split=split, run=run, device=device, common=common, env=env,
-                 previous=previous, progress=progress)
+                 previous=previous, warnings=warnings, leakage_threshold=leakage_threshold, progress=progress)
     for spec in specs:
         cells = [(kind, {**(head_params or {}).get(kind, {})}, budget, seed) for kind in heads for budget in budgets
                  for seed in seed_list]
@@ -187,8 +201,8 @@ def bench(
     stored = read_results(out)  # render from what is stored, so `embedpipe report` gives the same bytes
     result = render(out, stored)
     errors = [r for r in stored if r.get("error")]
-    return BenchResult(out=out, records=stored, summaries=result.summaries, errors=errors, fitted=grid.fitted,
-                       reused=grid.reused, report=result)
+    return BenchResult(out=out, records=stored, summaries=result.summaries, errors=errors,
+                       warnings=[r for r in stored if r.get("record") == "warning"], fitted=grid.fitted, reused=grid.reused, report=result)
 
 
 def _check_grid(specs: Sequence[BackboneSpec], heads: Sequence[str], shots: Sequence[int | str], seeds: int | Sequence[int],
@@ -221,6 +235,8 @@ class _Grid:
     common: dict[str, Any]  # the fields every record starts with: format, session, dataset, source
     env: dict[str, Any]  # and the environment (env_cpu, env_cores, ...), after the backbone
     previous: dict[str, dict[str, Any]]  # run id -> a finished record kept by skip_existing
+    warnings: dict[str, list[dict[str, Any]]]  # backbone -> its stored warning records, kept with its runs
+    leakage_threshold: float | None
     progress: ProgressFactory
     records: list[dict[str, Any]] = field(default_factory=list)
     fitted: int = 0
@@ -240,6 +256,7 @@ class _Grid:
         self.reused += len(cells) - len(todo)
         if not todo:
             logger.info("%s: every run is in the stored results", spec.name)
+            self.records += self.warnings.get(spec.name, [])
             return
         try:
             fields = self._extraction_fields(spec, sample)
@@ -252,8 +269,12 @@ class _Grid:
             return
         embeddings = Path(fields["embeddings_file"])
         loaded = load(embeddings, output="embeddings")  # once: every head, budget and seed fits on it
-        _, labels, meta = loaded
-        fields = {**base, **backbone_record(resolve(spec, self.device), labels, meta, self.split), **fields}
+        X, labels, meta = loaded
+        quality, leakage = feature_quality(X, labels, meta, device=self.device, leakage_threshold=self.leakage_threshold)
+        if (warning := leakage_record(base, leakage, meta["paths"])) is not None:
+            logger.warning("%s: %s", spec.name, warning["message"])
+            self.records.append(warning)
+        fields = {**base, **backbone_record(resolve(spec, self.device), labels, meta, self.split), **fields, **quality}
         with self.progress(f"{spec.name}: head fits", len(todo)) as advance:
             for cell in todo:
                 self.records.append(_bench_cell(embeddings, loaded, spec.name, cell, fields))

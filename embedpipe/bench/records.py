@@ -1,8 +1,10 @@
 """Bookkeeping for ``embedpipe bench``: named backbone lists, run ids, record fields, results files.
 
 The grid itself runs in :mod:`.grid`; the tables, plots and HTML are in :mod:`.report`. A bench writes one flat record per run
-(backbone x head x shots x seed), one per failure, and one summary per
-(backbone, head, shots) over seeds, to ``results.json`` and ``results.csv``.
+(backbone x head x shots x seed), one per failure, one warning per backbone whose test split
+repeats its train split (leakage), and one summary per (backbone, head, shots) over seeds, to
+``results.json`` and ``results.csv``. Each backbone's rows also carry its features' retrieval
+quality (kNN recall@1, recall@5, mAP@R of the test split against train), measured once per backbone.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -20,8 +23,10 @@ import numpy as np
 
 from .._atomic import write_atomically
 from ..config import BackboneSpec, EmbeddingConfig, SplitConfig, digest_of
-from ..errors import BenchError, FineTuneError
+from ..errors import BenchError, ExploreError, FineTuneError
 from ..finetune import read_run
+
+logger = logging.getLogger(__name__)
 
 # Bump when the meaning of a stored record changes; a results.json of another version is not reused.
 BENCH_FORMAT = 1
@@ -128,6 +133,44 @@ def backbone_record(config: EmbeddingConfig, labels: np.ndarray, meta: dict[str,
         "selection": "among each head's own training rows only (see each head's settings); the val split is not used "
                      "for fitting (its accuracy is reported as val_accuracy)",
     }
+
+
+def feature_quality(X: np.ndarray, labels: np.ndarray, meta: dict[str, Any], *, device: str,
+                    leakage_threshold: float | None) -> tuple[dict[str, Any], Any]:
+    """A backbone's retrieval fields and its train/test leakage check, from its exported file (once per backbone).
+
+    Returns:
+        ``(fields every run record of the backbone carries, the explore.Leakage found)``; the retrieval
+        fields are None when the file has no labelled test and train rows.
+    """
+    from ..explore import RECALL_AT, retrieval_quality, split_leakage
+
+    split = meta["split"] if meta["split"] is not None else np.array([""] * len(X), dtype=object)
+    test, train = split == "test", split == "train"
+    fields: dict[str, Any] = {"knn_recall_at_1": None, "knn_recall_at_5": None, "knn_map_at_r": None, "knn_queries": None}
+    try:
+        quality = retrieval_quality(X[test], labels[test], X[train], labels[train], ks=RECALL_AT, device=device)
+    except ExploreError as why:
+        logger.info("no retrieval quality: %s", why)
+    else:
+        fields.update(knn_recall_at_1=quality.recall[1], knn_recall_at_5=quality.recall[5], knn_map_at_r=quality.map_at_r,
+                      knn_queries=quality.queries)
+    leakage = split_leakage(X, meta["digests"], split, threshold=leakage_threshold, device=device)
+    fields["leakage_check"] = leakage.describe()
+    return fields, leakage
+
+
+def leakage_record(base: dict[str, Any], leakage: Any, paths: list[str]) -> dict[str, Any] | None:
+    """The warning record of a backbone whose test split repeats its train split, or None when it does not."""
+    if not leakage.exact and not leakage.near:
+        return None
+    pairs = [(a, b, "identical file") for a, b in leakage.exact] + [(a, b, f"cosine {s:.3f}") for a, b, s in leakage.near]
+    examples = "; ".join(f"{paths[a]} = {paths[b]} ({how})" for a, b, how in pairs[:5]) + ("; ..." if len(pairs) > 5 else "")
+    return {**base, "record": "warning", "warning": "leakage", "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "run_id": "", "head": None, "shots": None, "seed": None, "error": None,
+            "message": f"{leakage.found()}: the test numbers are inflated; remove the copies from test (or train) and rerun",
+            "exact_pairs": len(leakage.exact), "near_pairs": len(leakage.near), "near_threshold": leakage.threshold,
+            "examples": examples}
 
 
 def head_protocol(kind: str, params: dict[str, Any]) -> dict[str, str]:
@@ -237,11 +280,14 @@ def read_results(out: str | Path) -> list[dict[str, Any]]:
 # What each field of a stored record must be (the report reads them all); other fields must be plain JSON scalars.
 _NUMBERS = {"accuracy", "balanced_accuracy", "macro_f1", "val_accuracy", "train_accuracy", "majority_accuracy", "fit_seconds",
             "extract_images_per_second", "extract_seconds", "peak_memory_bytes", "n_train", "n_test", "n_val", "n_classes",
-            "embedding_dim", "param_count", "train_per_class", "n_seeds", "epochs"}
+            "embedding_dim", "param_count", "train_per_class", "n_seeds", "epochs", "knn_recall_at_1", "knn_recall_at_5",
+            "knn_map_at_r", "knn_queries", "exact_pairs", "near_pairs", "near_threshold"}
 _TEXTS = {"backbone", "head", "run_id", "session", "created", "error", "error_type", "chosen", "weights", "precision", "preprocess",
           "normalisation", "split", "dataset", "source", "head_protocol", "c_grid", "head_normalisation", "selection", "head_params",
-          "device", "throughput_source", "peak_memory_kind", "embeddings_file", "stop_reason", "run_dir"}
-_REQUIRED = {"run": ("backbone", "head", "shots", "seed", "run_id"), "summary": ("backbone", "head", "shots"), "error": ("error",)}
+          "device", "throughput_source", "peak_memory_kind", "embeddings_file", "stop_reason", "run_dir", "leakage_check", "warning",
+          "message", "examples"}
+_REQUIRED = {"run": ("backbone", "head", "shots", "seed", "run_id"), "summary": ("backbone", "head", "shots"), "error": ("error",),
+             "warning": ("backbone", "warning", "message")}
 
 
 def _is_number(value: Any) -> bool:
@@ -252,7 +298,7 @@ def _record_problem(record: dict[str, Any]) -> str | None:
     """Why a stored record cannot be reported on (a field missing or of the wrong type), or None."""
     kind = record.get("record")
     if kind not in _REQUIRED:
-        return f"is of kind {kind!r}, not run, summary or error"
+        return f"is of kind {kind!r}, not run, summary, warning or error"
     missing = [k for k in _REQUIRED[kind] if record.get(k) is None]
     if missing:
         return f"({kind}) lacks {missing[0]!r}"

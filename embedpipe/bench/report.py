@@ -24,7 +24,7 @@ from .records import ALL, FINETUNE_DIR, REPORT_HTML, SCRATCH, read_finetune_run
 _CONSTANT = ("backbone", "weights", "pretrained", "head", "shots", "embedding_dim", "param_count", "extract_images_per_second",
              "throughput_source", "peak_memory_bytes", "peak_memory_kind", "device", "precision", "n_classes", "n_val", "n_test",
              "dataset", "source", "split", "preprocess", "normalisation", "head_normalisation", "c_grid", "selection",
-             "head_params", "head_protocol")
+             "head_params", "head_protocol", "knn_recall_at_1", "knn_recall_at_5", "knn_map_at_r", "knn_queries", "leakage_check")
 PLOT_SHOTS = "accuracy_vs_shots.png"
 PLOT_PARETO = "accuracy_vs_throughput.png"
 PLOT_CONFUSION = "confusion_matrix.png"
@@ -115,11 +115,16 @@ def _si(value: float | int | None, unit: str = "") -> str:
     return f"{value:.0f}{unit}" if isinstance(value, int) or value >= 10 else f"{value:.1f}{unit}"
 
 
+def _fraction(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def _mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.0f} MiB"
 
 
-TABLE_COLUMNS = ("backbone", "head", "shots", "accuracy", "balanced acc.", "chosen", "dim", "params", "img/s", "peak mem.", "fit s")
+TABLE_COLUMNS = ("backbone", "head", "shots", "accuracy", "balanced acc.", "chosen", "R@1", "R@5", "mAP@R", "dim", "params", "img/s",
+                 "peak mem.", "fit s")
 
 
 def table_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -130,15 +135,16 @@ def table_rows(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
             s["backbone"], s["head"],
             str(s["shots"]) if s["shots"] != ALL else "all" if s["train_per_class"] is None else f"all ({s['train_per_class']:.0f})",
             _pm(s["accuracy_mean"], s["accuracy_std"]), _pm(s["balanced_accuracy_mean"], s["balanced_accuracy_std"]),
-            s["chosen"], "–" if s["embedding_dim"] is None else str(s["embedding_dim"]), _si(s["param_count"]),
+            s["chosen"], *(_fraction(s.get(k)) for k in ("knn_recall_at_1", "knn_recall_at_5", "knn_map_at_r")),
+            "–" if s["embedding_dim"] is None else str(s["embedding_dim"]), _si(s["param_count"]),
             "–" if s["extract_images_per_second"] is None else f"{s['extract_images_per_second']:.1f}",
             _mib(s["peak_memory_bytes"]), "–" if s["fit_seconds_mean"] is None else f"{s['fit_seconds_mean']:.2f}",
         ))
     return rows
 
 
-def text_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> str:
-    """The terminal table (mean ± std over seeds on the test split), then one line per failure."""
+def text_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = (), warnings: Sequence[dict[str, Any]] = ()) -> str:
+    """The terminal table (mean ± std over seeds on the test split), then one line per failure and per warning."""
     rows = [TABLE_COLUMNS, *table_rows(summaries)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
@@ -146,14 +152,16 @@ def text_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, A
     for e in errors:
         where = " ".join(str(e[k]) for k in ("backbone", "head", "shots", "seed") if e.get(k) not in (None, ""))
         lines.append(f"failed: {where}: {e['error']}")
+    lines += [f"warning: {w['backbone']}: {w['message']}" for w in warnings]
     return "\n".join(lines)
 
 
-def markdown_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> str:
-    """The summary table in Markdown (for a README), then one line per failure."""
+def markdown_table(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = (), warnings: Sequence[dict[str, Any]] = ()) -> str:
+    """The summary table in Markdown (for a README), then one line per failure and per warning."""
     rows = [TABLE_COLUMNS, tuple("---:" if c in _NUMERIC else "---" for c in TABLE_COLUMNS), *table_rows(summaries)]
     lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     lines += [f"\nfailed: {e.get('backbone')} {e.get('head') or ''}: {e['error']}" for e in errors]
+    lines += [f"\nwarning: {w['backbone']}: {w['message']}" for w in warnings]
     return "\n".join(lines)
 
 
@@ -165,8 +173,13 @@ def _best(summaries: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return max(frozen, key=lambda s: (round(s["accuracy_mean"], 6), -_shots_order(s["shots"]), s["extract_images_per_second"] or 0))
 
 
-def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> list[str]:
+def headline(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = (), warnings: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The findings in plain sentences, most important first (plain text; the HTML escapes it)."""
+    leaks = [f"Leakage ({w['backbone']}): {w['message']}." for w in warnings if w.get("warning") == "leakage"]
+    return leaks + _findings(summaries, errors)
+
+
+def _findings(summaries: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]]) -> list[str]:
     scored = [s for s in summaries if s["accuracy_mean"] is not None]
     frozen = [s for s in scored if s["head"] != SCRATCH]
     best = _best(summaries)
@@ -454,11 +467,11 @@ table{border-collapse:collapse;font-size:.86em;width:100%}th,td{padding:.3em .55
 th{background:#f6f7f9}td.n{text-align:right;font-variant-numeric:tabular-nums}td.w{white-space:normal;min-width:10em}
 .scroll{overflow-x:auto}tr.best td{background:#eaf6ea;font-weight:600}
 figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#556;font-size:.9em}
-.err td{color:#a12}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;font-size:.9em}dt{color:#556}dd{margin:0}
+.err td{color:#a12}.warn{background:#fdf3ec;border-left:4px solid #d8703b;padding:.6em 1em;margin:1em 0}dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;font-size:.9em}dt{color:#556}dd{margin:0}
 code{background:#f3f3f5;padding:0 .25em;border-radius:3px}footer{margin-top:2em;color:#889;font-size:.8em}
 """
 
-_NUMERIC = {"accuracy", "balanced acc.", "dim", "params", "img/s", "peak mem.", "fit s"}
+_NUMERIC = {"accuracy", "balanced acc.", "R@1", "R@5", "mAP@R", "dim", "params", "img/s", "peak mem.", "fit s"}
 _WRAP = {"chosen", "error"}  # long free text: wraps instead of widening the table
 
 
@@ -483,7 +496,8 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
     for s in summaries:
         per_backbone.setdefault(s["backbone"], f"{s['preprocess']}; normalised with {s['normalisation']}; weights {s['weights']}; "
                                               f"{s['precision']} compute on {s['device']}; images/s from the "
-                                              f"{s.get('throughput_source') or 'extraction'}")
+                                              f"{s.get('throughput_source') or 'extraction'}"
+                                              + (f"; train/test leakage: {s['leakage_check']}" if s.get("leakage_check") else ""))
     items = [
         ("dataset", f"{first.get('dataset', '')} ({first.get('source', '')}), {first.get('n_classes', '?')} classes"),
         ("split", str(first.get("split", ""))),
@@ -492,6 +506,10 @@ def _protocol(summaries: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]
         ("hyper-parameters", str(first.get("selection", ""))),
         ("seeds", f"{', '.join(map(str, sorted({r['seed'] for r in runs})))}: a seed draws the few-shot sample and seeds the head"),
         ("mean ± std", "sample standard deviation over seeds (0 with one seed)"),
+        ("R@1, R@5, mAP@R", "feature quality of the backbone, the same on each of its rows: each labelled test image searched "
+                            "among the train images (exact cosine kNN); recall@k = share of test images with an image of their class "
+                            "among their k nearest, mAP@R = mean average precision over the first R results, R = the train images "
+                            "of that class (Musgrave et al. 2020)"),
         ("throughput", "images/s of the extraction's decode + forward loop (batch size and workers as run); for a backbone "
                        "that came from the cache, timed on a sample of the images"),
         ("peak memory", "peak CUDA allocation on a GPU; on a CPU the rise of the process's resident memory during extraction "
@@ -526,6 +544,7 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
     runs = [r for r in records if r.get("record") == "run" and not r.get("error")]
     errors = [r for r in records if r.get("error")]
+    warnings = [r for r in records if r.get("record") == "warning"]
     summaries = summarise(records)
     plots: dict[str, Path] = {}
     series: list[tuple[str, str]] = []
@@ -551,7 +570,7 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
         plots[key] = plot_finetune(name, epochs, summary, out / f"finetune_{name}.png")
         captions[key] = (f"Fine-tune run {name}: training and validation curves; green: the epoch kept (best validation), "
                          f"red: where training stopped ({summary.get('stop_reason', 'unknown reason')}).")
-    lines = headline(summaries, errors)
+    lines = headline(summaries, errors, warnings)
     dataset = runs[0]["dataset"] if runs else (errors[0].get("dataset", "") if errors else "")
     e = html.escape
     parts = [
@@ -563,9 +582,13 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
         f'{len({str(s["shots"]) for s in summaries})} label budgets × {len({r["seed"] for r in runs})} seeds; '
         f"frozen features, one extraction per backbone.</p>",
         '<ul class="lead">' + "".join(f"<li>{e(line)}</li>" for line in lines) + "</ul>",
+        *(['<div class="warn"><strong>Warnings</strong><ul>' + "".join(
+            f"<li>{e(w['backbone'])}: {e(w['message'])}. Pairs (test = train): {e(w.get('examples') or '')}</li>" for w in warnings)
+           + "</ul></div>"] if warnings else []),
         "<h2>Results</h2>",
         "<p>Test split, mean ± std over seeds. <em>chosen</em>: the hyper-parameter each seed picked on its hold-out "
-        "(C of logreg, k of knn, the best epoch of mlp).</p>",
+        "(C of logreg, k of knn, the best epoch of mlp). <em>R@1, R@5, mAP@R</em>: the backbone's kNN retrieval quality, "
+        "test images searched among the train images (see Protocol).</p>",
         _table(TABLE_COLUMNS, table_rows(summaries), highlight=summaries.index(best) if best in summaries else None),
     ]
     if plots:

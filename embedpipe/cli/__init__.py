@@ -283,13 +283,16 @@ def _write_predictions(path: Path, records: list[dict[str, Any]], top_k: int) ->
 @click.option("--val-fraction", type=FRACTION, default=0.1, show_default=True, help="Split made when the data has none.")
 @click.option("--test-fraction", type=FRACTION, default=0.2, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--leakage-threshold", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Also warn about test images whose nearest train image is at this cosine or above (e.g. 0.9) "
+                   "[default: byte-identical files only].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and failure records as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the table.")
 @click.pass_context
 @handle_errors
 def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists: str | None, heads: str, shots: str, seeds: int, out: str,
           skip_existing: bool, baseline: str | None, finetune_runs: tuple[str, ...], cs: int | None, val_fraction: float,
-          test_fraction: float, split_seed: int, as_json: bool, quiet: bool, **kw: Any) -> None:
+          test_fraction: float, split_seed: int, leakage_threshold: float | None, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Compare backbones x heads x label budgets x seeds on one labelled dataset, with a report.
 
     Each backbone is extracted once through the cache; every head fits on the cached features with only
@@ -332,12 +335,13 @@ def bench(ctx: click.Context, source: str, backbones: str | None, backbone_lists
         head_params={"logreg": {"Cs": cs}} if cs is not None else None,
         baseline=baseline,
         finetune_runs=finetune_runs,
+        leakage_threshold=leakage_threshold,
         progress=progress_factory(quiet),
     )
     if as_json:
         click.echo(json.dumps({"summaries": result.summaries, "errors": result.errors}, indent=2, default=str))
     else:
-        click.echo(text_table(result.summaries, result.errors))
+        click.echo(text_table(result.summaries, result.errors, result.warnings))
         if not quiet:
             for line in result.report.headline:
                 click.echo(line, err=True)
@@ -369,8 +373,10 @@ def report(out: str, finetune_runs: tuple[str, ...], as_json: bool, markdown: bo
     if as_json:
         click.echo(json.dumps(result.summaries, indent=2, default=str))
         return
-    errors = [r for r in read_results(out) if r.get("error")]
-    click.echo((markdown_table if markdown else text_table)(result.summaries, errors))
+    stored = read_results(out)
+    errors = [r for r in stored if r.get("error")]
+    warnings = [r for r in stored if r.get("record") == "warning"]
+    click.echo((markdown_table if markdown else text_table)(result.summaries, errors, warnings))
     click.echo(f"report: {result.html}", err=True)
 
 @cli.command("fine-tune")

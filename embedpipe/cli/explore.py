@@ -1,4 +1,4 @@
-"""The explore commands (neighbors, export, audit): each parses, calls one :mod:`embedpipe.explore` function, prints.
+"""The explore commands (neighbors, export, audit, map): each parses, calls one :mod:`embedpipe.explore` function, prints.
 
 Kept beside the pipeline commands of :mod:`embedpipe.cli` (which registers them) so neither file
 outgrows one screenful of concerns; heavy imports stay inside the command bodies.
@@ -138,4 +138,33 @@ def audit(embeddings: str, out: str, threshold: float | None, leakage_threshold:
     click.echo(f"report: {result.out / 'audit.html'}", err=True)
 
 
-COMMANDS = (neighbors, export, audit)
+@click.command("map")
+@click.argument("embeddings", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for map.png, map.html and map.csv.")
+@click.option("--method", type=click.Choice(["pca", "umap"]), default="pca", show_default=True,
+              help="pca: of the L2-normalised embeddings, exact; umap: neighbourhoods, needs the umap extra.")
+@click.option("--thumbnails", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Points (a seeded sample) whose hover shows their image on the page; keeps map.html to a few MB.")
+@click.option("--output", default="embeddings", show_default=True, help="Stored output to map.")
+@click.option("--seed", type=int, default=0, show_default=True, help="For the thumbnail sample and UMAP.")
+@handle_errors
+def map_command(embeddings: str, out: str, method: str, thumbnails: int, output: str, seed: int) -> None:
+    """Draw the dataset as a 2-D map coloured by class, shaped by split: OUT/map.png, map.html (hover: image and path), map.csv.
+
+    \b
+    Example:
+        embedpipe map cache/elpv-tf_efficientnet_lite0-c29b2595c6b7.h5 --out reports/elpv-map
+        embedpipe map cache/elpv-...h5 --out reports/elpv-umap --method umap      # pip install 'embedpipe[umap]'
+    """
+    from ..explore import map_embeddings
+
+    result = map_embeddings(embeddings, out=out, method=method, output=output, thumbnails=thumbnails, seed=seed)
+    variance = (f"; axes hold {result.explained_variance[0]:.1%} and {result.explained_variance[1]:.1%} of the variance"
+                if result.explained_variance else "")
+    click.echo(f"{len(result.paths)} images mapped by {method.upper()} in {result.seconds:.2f} s{variance}; "
+               f"{len(result.thumbnails)} with thumbnails")
+    for name in ("map.png", "map.html", "map.csv"):
+        click.echo(str(result.out / name))
+
+
+COMMANDS = (neighbors, export, audit, map_command)

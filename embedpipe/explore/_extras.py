@@ -13,6 +13,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "faiss": ("FAISS search and export", "faiss"),
     "lance": ("Lance export", "lance"),
     "cleanlab": ("label-issue and outlier scores", "cleanlab"),
+    "umap": ("UMAP maps", "umap"),
 }
 
 

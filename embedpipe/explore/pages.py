@@ -1,4 +1,4 @@
-"""The explore stages' HTML pages: self-contained (images inlined as data URIs, inline CSS, no script, no network).
+"""The explore stages' HTML pages (audit, map): self-contained (images inlined as data URIs, inline CSS and SVG, no script, no network).
 
 Thumbnails are the dataset's own images, found under the root the exported file records, scaled
 down and inlined as JPEG; an image that is no longer there shows as a labelled grey box.
@@ -12,6 +12,8 @@ import io
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#1d2430;line-height:1.45}
@@ -64,12 +66,13 @@ def figure(root: Path | None, path: str, caption: str) -> str:
     return f'<div class="thumb">{picture}{e(path)}<br>{e(caption)}</div>'
 
 
-def page(title: str, subtitle: str, body: list[str], footer: str) -> str:
+def page(title: str, subtitle: str, body: list[str], footer: str, *, css: str = "") -> str:
+    """The page around ``body`` (already HTML): the shared CSS plus the page's own ``css``."""
     e = html.escape
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">',
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
+        f"<title>{e(title)}</title><style>{CSS}{css}</style></head><body>",
         f"<h1>{e(title)}</h1>", f'<p class="sub">{e(subtitle)}</p>', *body,
         f"<footer>{footer}</footer></body></html>",
     ]) + "\n"
@@ -159,3 +162,75 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td{" class=n" if c[:1].isdigit() else ""}>{c}</td>' for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# The map's plot area in CSS pixels, and the margin kept free around the points inside it.
+MAP_WIDTH, MAP_HEIGHT, MAP_PAD = 1000, 660, 14
+MAP_CSS = """
+.map{position:relative;margin:1em 0 2.5em 3em;background:#fbfbfd}.map svg{position:absolute;left:0;top:0;overflow:visible}
+.pt{position:absolute;width:9px;height:9px;margin:-4px 0 0 -4px}.pt i{display:block;width:100%;height:100%;opacity:.75}
+.pt i.train,.pt i.none{border-radius:50%}.pt i.test{clip-path:polygon(50% 0,100% 100%,0 100%)}
+.pt:hover{z-index:10}.pt:hover i{opacity:1;outline:2px solid #1d2430}
+.tip{display:none;position:absolute;left:14px;top:-8px;background:#fff;border:1px solid #99a;border-radius:4px;padding:4px;
+font-size:.75em;width:max-content;max-width:240px;word-break:break-all;box-shadow:0 2px 8px rgba(0,0,0,.2)}
+.pt.l .tip{left:auto;right:14px}.pt.u .tip{top:auto;bottom:-8px}.pt:hover .tip{display:block}
+.tip img{display:block;margin-bottom:3px}.legend{display:flex;flex-wrap:wrap;gap:.3em 1.2em;font-size:.85em;margin:.5em 0}
+.legend span.k{display:inline-block;width:10px;height:10px;margin-right:.35em;vertical-align:-1px}
+"""
+
+
+def map_page(result: Any, *, colours: dict[str, str], axes: tuple[str, str], thumb_px: int) -> str:
+    """The map as one page: points placed over an SVG frame, each showing its image and path on hover (CSS only)."""
+    e = html.escape
+    xy = result.coordinates
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    span = np.maximum(high - low, 1e-12)
+    # One scale for both axes (distances mean the same across and down), the points centred.
+    scale = min((MAP_WIDTH - 2 * MAP_PAD) / span[0], (MAP_HEIGHT - 2 * MAP_PAD) / span[1])
+    offset = (np.array([MAP_WIDTH, MAP_HEIGHT]) - scale * span) / 2
+    px = offset[0] + scale * (xy[:, 0] - low[0])
+    py = MAP_HEIGHT - (offset[1] + scale * (xy[:, 1] - low[1]))  # up is up
+    root = image_root(result.meta)
+    with_image = set(result.thumbnails)
+    points, inlined = [], 0
+    for row, (path, label, split) in enumerate(zip(result.paths, result.labels, result.splits)):
+        x, y = float(px[row]), float(py[row])
+        where = ("l " if x > MAP_WIDTH / 2 else "") + ("u" if y > MAP_HEIGHT / 2 else "")
+        words = f"{label or '(unlabelled)'} · {split or 'no split'}"
+        marker = f'<i class="{e(split or "none")}" style="background:{colours[label]}"></i>'
+        uri = thumbnail(str(root / path), thumb_px) if root is not None and row in with_image else None
+        if uri:
+            inlined += 1
+            tip = f'<span class="tip"><img src="{uri}" alt="{e(path)}">{e(path)}<br>{e(words)}</span>'
+            points.append(f'<span class="pt {where}" style="left:{x:.1f}px;top:{y:.1f}px">{marker}{tip}</span>')
+        else:
+            points.append(f'<span class="pt {where}" style="left:{x:.1f}px;top:{y:.1f}px" title="{e(path)} · {e(words)}">{marker}</span>')
+    frame = (f'<svg width="{MAP_WIDTH}" height="{MAP_HEIGHT}" viewBox="0 0 {MAP_WIDTH} {MAP_HEIGHT}" role="img" aria-label="{e(axes[0])} against {e(axes[1])}">'
+             f'<rect x="0" y="0" width="{MAP_WIDTH}" height="{MAP_HEIGHT}" fill="none" stroke="#ccd"/>')
+    if low[0] < 0 < high[0]:
+        zero = offset[0] - scale * low[0]
+        frame += f'<line x1="{zero:.1f}" y1="0" x2="{zero:.1f}" y2="{MAP_HEIGHT}" stroke="#dde" stroke-dasharray="4 4"/>'
+    if low[1] < 0 < high[1]:
+        zero = MAP_HEIGHT - (offset[1] - scale * low[1])
+        frame += f'<line x1="0" y1="{zero:.1f}" x2="{MAP_WIDTH}" y2="{zero:.1f}" stroke="#dde" stroke-dasharray="4 4"/>'
+    frame += (f'<text x="{MAP_WIDTH / 2}" y="{MAP_HEIGHT + 20}" text-anchor="middle" font-size="13" fill="#556">{e(axes[0])}</text>'
+              f'<text x="-12" y="{MAP_HEIGHT / 2}" text-anchor="middle" font-size="13" fill="#556" '
+              f'transform="rotate(-90 -12 {MAP_HEIGHT / 2})">{e(axes[1])}</text></svg>')
+    counts: dict[str, int] = {}
+    for label in result.labels:
+        counts[label] = counts.get(label, 0) + 1
+    shapes = {"train": "border-radius:50%", "val": "", "test": "clip-path:polygon(50% 0,100% 100%,0 100%)"}
+    legend = "".join(f'<span><span class="k" style="background:{c}"></span>{e(n or "(unlabelled)")} ({counts[n]})</span>'
+                     for n, c in colours.items())
+    legend += "".join(f'<span><span class="k" style="background:#889;{shapes[s]}"></span>{s}</span>'
+                      for s in ("train", "val", "test") if s in result.splits)
+    body = [(f'<p class="lead">Each point is an image; hover over one to see it{"" if inlined else " (no thumbnails: set --thumbnails)"}. '
+             "Colour: its class; shape: its split (circle train, square val, triangle test). Points close together "
+             "have similar embeddings.</p>"),
+            f'<div class="legend">{legend}</div>',
+            f'<div class="map" style="width:{MAP_WIDTH}px;height:{MAP_HEIGHT}px">{frame}{"".join(points)}</div>']
+    how = ("PCA of the L2-normalised embeddings" if result.method == "pca" else "UMAP (cosine) of the embeddings")
+    shown = f"{inlined} of {len(result.paths)} points show their image on hover ({thumb_px} px), the rest their path"
+    subtitle = f"{len(result.paths)} images, {result.meta.get('backbone', '')} embeddings; {how}; {shown}."
+    return page(f"embedpipe map: {Path(result.source).name}", subtitle, body,
+                "Written by <code>embedpipe map</code>; coordinates in map.csv, the same picture in map.png.", css=MAP_CSS)
