@@ -175,15 +175,7 @@ def bench(
     device = resolve_device(run.device)
     env = {f"env_{k}": v for k, v in environment(device).items()}
     out = Path(str(out).replace("{machine}", env["env_machine"]))  # results folders name the machine they ran on
-    previous, warnings = {}, {}
-    if skip_existing:
-        stored = read_results(out)
-        previous = {r["run_id"]: r for r in stored if r.get("record") == "run" and not r.get("error")}
-        for r in stored:
-            if r.get("record") == "warning":
-                warnings.setdefault(r["backbone"], []).append(r)
-    elif (out / "results.json").exists():
-        logger.info("overwriting %s (pass skip_existing to resume it)", out / "results.json")
+    previous, warnings = _stored_runs(out, skip_existing)
     common = {"bench_format": BENCH_FORMAT, "session": session_id(), "dataset": dataset.name, "source": str(dataset.root)}
     grid = _Grid(source=source, out=out, cache_dir=cache_dir, split=split, run=run, device=device, common=common, env=env,
                  previous=previous, warnings=warnings, leakage_threshold=leakage_threshold, progress=progress)
@@ -200,9 +192,25 @@ def bench(
     grid.save()
     stored = read_results(out)  # render from what is stored, so `embedpipe report` gives the same bytes
     result = render(out, stored)
-    errors = [r for r in stored if r.get("error")]
-    return BenchResult(out=out, records=stored, summaries=result.summaries, errors=errors,
-                       warnings=[r for r in stored if r.get("record") == "warning"], fitted=grid.fitted, reused=grid.reused, report=result)
+    return BenchResult(out=out, records=stored, summaries=result.summaries, errors=[r for r in stored if r.get("error")],
+                       warnings=[r for r in stored if r.get("record") == "warning"], fitted=grid.fitted, reused=grid.reused,
+                       report=result)
+
+
+def _stored_runs(out: Path, skip_existing: bool) -> tuple[dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """With ``skip_existing``: the finished runs of ``out/results.json`` by run id, and its warnings by backbone."""
+    previous: dict[str, dict[str, Any]] = {}
+    warnings: dict[str, list[dict[str, Any]]] = {}
+    if not skip_existing:
+        if (out / "results.json").exists():
+            logger.info("overwriting %s (pass skip_existing to resume it)", out / "results.json")
+        return previous, warnings
+    for record in read_results(out):
+        if record.get("record") == "run" and not record.get("error"):
+            previous[record["run_id"]] = record
+        elif record.get("record") == "warning":
+            warnings.setdefault(record["backbone"], []).append(record)
+    return previous, warnings
 
 
 def _check_grid(specs: Sequence[BackboneSpec], heads: Sequence[str], shots: Sequence[int | str], seeds: int | Sequence[int],

@@ -535,6 +535,16 @@ def _environment(runs: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return items
 
 
+def _finetune_table(finetunes: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
+    rows = []
+    for name, epochs, summary in finetunes:
+        test = summary.get("test") or {}
+        rows.append((name, f"{test.get('accuracy', float('nan')):.3f}", f"{test.get('balanced_accuracy', float('nan')):.3f}",
+                     str(summary.get("best_epoch")), str(summary.get("stopped_epoch")), str(summary.get("stop_reason", "")),
+                     str(len(epochs)), _mib(summary.get("peak_memory_bytes")), f"{summary.get('seconds', 0):.0f}"))
+    return _table(("run", "accuracy", "balanced acc.", "best epoch", "stopped", "stop reason", "epochs", "peak mem.", "seconds"), rows)
+
+
 def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
     """Write the plots and ``report.html`` into ``out`` from bench records; returns what was written.
 
@@ -596,14 +606,7 @@ def render(out: str | Path, records: Sequence[dict[str, Any]]) -> ReportResult:
         for key, path in plots.items():
             parts.append(f"<figure>{_img(path, captions[key])}<figcaption>{e(captions[key])}</figcaption></figure>")
     if finetunes:
-        parts.append("<h2>Fine-tune runs</h2>")
-        rows = []
-        for name, epochs, summary in finetunes:
-            test = summary.get("test") or {}
-            rows.append((name, f"{test.get('accuracy', float('nan')):.3f}", f"{test.get('balanced_accuracy', float('nan')):.3f}",
-                         str(summary.get("best_epoch")), str(summary.get("stopped_epoch")), str(summary.get("stop_reason", "")),
-                         str(len(epochs)), _mib(summary.get("peak_memory_bytes")), f"{summary.get('seconds', 0):.0f}"))
-        parts.append(_table(("run", "accuracy", "balanced acc.", "best epoch", "stopped", "stop reason", "epochs", "peak mem.", "seconds"), rows))
+        parts += ["<h2>Fine-tune runs</h2>", _finetune_table(finetunes)]
     if errors:
         parts.append("<h2>Failures</h2><p>Each failure is a row in results.csv; the rest of the grid ran.</p>")
         rows = [(str(r.get("backbone", "")), str(r.get("head") or "(backbone)"), str(r.get("shots") or ""), str(r.get("seed", "")),
