@@ -27,7 +27,7 @@ from .cache.export import read_ledger, verify_export
 from .cache.index import stat_files
 from .cache.store import ShardReadError
 from .cache.layout import DIGEST_DTYPE
-from .cache.listing import Listings, Snapshot, is_hit, pack_strings, unchanged_rows
+from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, PathColumn, load_dataset
@@ -125,10 +125,8 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
         "split": dataset.split_config.to_dict() if dataset.split_config else None,
     }).encode())
     blob, offsets = packed if packed is not None else pack_strings(list(dataset.relpaths))
-    for column in (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
-                   np.asarray(digests, dtype=DIGEST_DTYPE)):
-        digest.update(np.ascontiguousarray(column).tobytes())
-    return digest.hexdigest()
+    return hash_columns(digest, (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
+                                 np.asarray(digests, dtype=DIGEST_DTYPE))).hexdigest()
 
 
 def ensure_folder(folder: Path) -> Path:
@@ -211,7 +209,7 @@ def extract(
     failed = read_ledger(path)
     if cache_hit:
         _raise_on_failures(run, failed)
-    dims = dict((read_attrs(path) or {}).get("dims", {}))
+    dims = dict(((attrs if cache_hit else read_attrs(path)) or {}).get("dims", {}))
     if ranks.is_main:
         listings.write(listing_key, relpaths_packed=packed, labels=dataset.labels, split_codes=dataset.split_codes, stats=stats,
                        digests=digests, taken_ns=taken_ns, export=path, dims=dims, errors=failed)

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +51,15 @@ def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
     return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(starts, offsets.tolist())]
 
 
+def hash_columns(digest: Any, columns: Iterable[np.ndarray]) -> Any:
+    """Feed arrays' raw bytes to a hashlib object, without copying them; returns it."""
+    for column in columns:
+        digest.update(np.ascontiguousarray(column).data)
+    return digest
+
+
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in _ARRAYS:
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(arrays[name]).data)
-    return digest.hexdigest()
+    return hash_columns(hashlib.sha256("\0".join(_ARRAYS).encode()), (arrays[name] for name in _ARRAYS)).hexdigest()
 
 
 @dataclass
