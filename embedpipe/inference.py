@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,20 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        path = str(self.paths[index])
         try:
-            image = decode_image(str(self.paths[index]), draft_to=self.draft_to)
+            image = decode_image(path, draft_to=self.draft_to)
             return index, self.transform(image), ""
         except DECODE_ERRORS as error:
-            reason = f"{type(error).__name__}: {error}".strip()
-            return index, self.blank, reason or "undecodable image"
+            return index, self.blank, decode_reason(error, path)
+
+
+def decode_reason(error: BaseException, path: str) -> str:
+    """Why an image could not be decoded, without its path: the reason is stored by content, for every
+    dataset holding the same bytes, so it must not name one dataset's file (or a memory address)."""
+    text = str(error).replace(repr(path), "").replace(path, "")
+    text = re.sub(r"\s*<_io\.\w+[^>]*>", "", text).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def forward_outputs(model: torch.nn.Module, x: torch.Tensor, outputs: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
 import embedpipe
+from embedpipe.cache.layout import column_checksums
 from embedpipe import RunConfig
 from embedpipe.cache import cache_list, cache_verify, read_export
 from embedpipe.cli import cli
@@ -109,6 +110,9 @@ def test_an_export_of_the_wrong_width_for_the_head_is_refused(artifacts: dict[st
     def narrower(f: h5py.File) -> None:
         _replace(f, "embeddings", f["embeddings"][:, :50])
         f.attrs["dims"] = json.dumps({"embedding": 50})
+        # resealed, as a valid export of a narrower backbone would be: only the width check can refuse it
+        names = ["embeddings", "labels", "paths", "digests", "split", "errors/paths", "errors/reasons"]
+        f.attrs["checksums"] = column_checksums(f, names)
 
     path = tampered_export(artifacts, tmp_path, narrower)
     with pytest.raises(HeadError, match="holds 50-wide embeddings, the head reads 96"):

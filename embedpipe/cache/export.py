@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -25,7 +24,8 @@ from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
-from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, dataset_name_for, decode_attr
+from .layout import (ATTRIBUTES, CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, attributes_digest, checksum_problems, column_digest, dataset_name_for,
+                     decode_attr)
 from .store import Store, StoreIndex
 
 
@@ -138,10 +138,11 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
             _write_text_column(f, "errors/paths", request.paths, failed)
             for name in CHECKSUMMED:
                 if name in f:
-                    _column_digest(f[name], sums[name])
+                    column_digest(f[name], sums[name])
                 else:
                     del sums[name]
-            f.attrs["checksums"] = canonical_json({name: digest.hexdigest() for name, digest in sums.items()})
+            f.attrs["checksums"] = canonical_json({**{name: digest.hexdigest() for name, digest in sums.items()},
+                                                   ATTRIBUTES: attributes_digest(f)})
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -164,7 +165,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
 # Every dataset of an export besides the outputs carries a sha256 in the ``checksums`` attribute, the
 # outputs too (their chunks also carry HDF5's Fletcher-32). A flipped byte in a label, a path or a
 # digest is found when the file is opened, not only by ``cache verify``.
-CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons")
+CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons", ATTRIBUTES)
 
 
 def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
@@ -175,33 +176,9 @@ def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -
         data[start : start + len(part)] = [values[i] for i in part]
 
 
-def _column_digest(data: h5py.Dataset, digest: Any) -> Any:
-    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
-    text = h5py.check_string_dtype(data.dtype) is not None
-    for start in range(0, data.shape[0], CHUNK_ROWS):
-        block = data[start : start + CHUNK_ROWS]
-        if text:
-            digest.update(b"".join(bytes(v) + b"\0" for v in block))
-        else:
-            digest.update(np.ascontiguousarray(block).data)
-    return digest
-
-
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
     """Datasets whose bytes differ from the ``checksums`` the file was written with (the outputs when ``outputs``)."""
-    try:
-        expected = json.loads(f.attrs["checksums"])
-    except (KeyError, ValueError, TypeError):
-        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
-    if not isinstance(expected, dict):
-        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
-    problems = []
-    for name, want in expected.items():
-        if not outputs and name not in CHECKSUMMED:
-            continue
-        if name not in f or _column_digest(f[name], hashlib.sha256()).hexdigest() != want:
-            problems.append(f"{name} does not match its checksum")
-    return problems
+    return checksum_problems(f, only=None if outputs else CHECKSUMMED)
 
 
 @dataclass

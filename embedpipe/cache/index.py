@@ -144,14 +144,19 @@ class FileIndex:
         keys = stats.tolist()
         result: list[str | None] = []
         stale: list[int] = []
+        failed_checks = 0
         for i, (path, key) in enumerate(zip(paths, keys)):
             entry = known.get(path)
-            if (entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS
-                    and entry[6] == _row_check(path, *entry[:6])):
-                result.append(entry[5])
-            else:
-                result.append(None)
-                stale.append(i)
+            if entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS:
+                if entry[6] == _row_check(path, *entry[:6]):
+                    result.append(entry[5])
+                    continue
+                failed_checks += 1
+            result.append(None)
+            stale.append(i)
+        if failed_checks:
+            logger.warning("%d entries of %s fail their check (edited or swapped digests): those files are hashed again",
+                           failed_checks, self.path)
         if progress and len(paths) > len(stale):
             progress(len(paths) - len(stale))
         if stale:
@@ -165,6 +170,28 @@ class FileIndex:
                 progress(1)
         self._save(connection, rows)
         return result  # type: ignore[return-value]
+
+    def problems(self) -> list[str]:
+        """What is wrong with the index, reading every row; empty when it is sound (or absent: it only saves hashing)."""
+        if not self.path.exists():
+            return []
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                check = connection.execute("PRAGMA integrity_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(check)
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                rows = connection.execute(f"SELECT * FROM {TABLE}").fetchall() if TABLE in tables else []
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as error:
+            return [f"unreadable ({error}): the next extract moves it aside and hashes the images again"]
+        bad = [row[0] for row in rows if len(row) != 8 or row[7] != _row_check(*row[:7])]
+        if bad:
+            return [f"{len(bad)} of {len(rows)} rows fail their check (edited or swapped digests, e.g. {bad[0]}): "
+                    "the next extract hashes those files again"]
+        return []
 
     def _save(self, connection: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
         if not rows:
