@@ -21,6 +21,7 @@ import torch
 from PIL.Image import DecompressionBombError
 
 from .config import OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, RunConfig
+from .data.items import ItemColumn
 from .preprocess import decode_image, eval_transform, normalize, resize_target
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,15 @@ class Batch:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and crops one image per item; a bad file yields its error, not a neighbour."""
+    """Decodes and crops one image per item; a bad file yields its error, not a neighbour.
+
+    Items are image files, or an :class:`~embedpipe.data.items.ItemColumn` whose ``read(i)`` gives
+    each image's bytes (tar members, table rows, URLs); a read that fails is that item's error.
+    """
 
     def __init__(self, paths: Sequence[str | Path], config: EmbeddingConfig) -> None:
         self.paths = paths  # read one at a time: a lazy column of a million paths stays lazy
+        self.items = paths if isinstance(paths, ItemColumn) else None
         self.transform = eval_transform(config.preprocess)
         self.draft_to = resize_target(config.preprocess) if config.preprocess.jpeg_draft else None
         c, h, w = config.preprocess.input_size
@@ -62,7 +68,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
         try:
-            image = decode_image(str(self.paths[index]), draft_to=self.draft_to)
+            source = self.items.read(index) if self.items is not None else str(self.paths[index])
+            image = decode_image(source, draft_to=self.draft_to)
             return index, self.transform(image), ""
         except DECODE_ERRORS as error:
             reason = f"{type(error).__name__}: {error}".strip()
@@ -162,7 +169,7 @@ def embed(
 
     Args:
         model: a prepared model (see :func:`prepare_model`) on ``device``.
-        paths: image files; a batch's ``rows`` index into this list.
+        paths: image files, or an :class:`~embedpipe.data.items.ItemColumn`; a batch's ``rows`` index into it.
         config: the embedding config (preprocessing, outputs, precision).
         device: a resolved device string.
         run: batch size, workers and the rest of how to run.

@@ -19,7 +19,7 @@ from .._progress import ProgressFactory, no_progress
 from ..cache import FileIndex
 from ..config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from ..data import Dataset, load_dataset
-from ..errors import FineTuneError, HeadError
+from ..errors import DataError, FineTuneError, HeadError
 from ..extraction import as_spec, dataset_fingerprint, ensure_folder, resolve
 from ..heads import HeadInfo, few_shot_indices, load_head, save_head
 from ..machine import CUDA_PEAK, RSS_PEAK, resolve_device, versions
@@ -95,6 +95,9 @@ def fine_tune(
     out = Path(out)
     check_out_folder(out, resume=resume)
     dataset = load_dataset(source, split=split)
+    if dataset.reader is not None:
+        raise DataError(f"{source} is a {dataset.layout} source: fine-tuning reads image files; pass a folder or a "
+                        "manifest of local files (embedpipe extract reads every input kind)")
     splits = _splits(dataset, config, source)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
