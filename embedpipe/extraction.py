@@ -155,16 +155,13 @@ def extract(
     stopped.
 
     Args:
-        source: folder tree, plain folder of images, CSV or Parquet manifest, ``.tar`` shards (a path,
-            glob or brace pattern), a saved Hugging Face dataset, or one of these files as an fsspec URL
-            (see :func:`~embedpipe.data.load_dataset`).
+        source: folder, manifest, tar shards, saved HF dataset or URL (:func:`~embedpipe.data.load_dataset`).
         backbone: a timm model name, or a :class:`BackboneSpec` for weights/outputs/precision.
         cache_dir: the cache folder; created when missing.
         split: how to split labelled data that comes without a split.
         run: device, batch size, workers, error policy.
         progress: progress bar factory (see :data:`embedpipe._progress.ProgressFactory`).
-        storage_options: fsspec options for URL sources (e.g. ``{"endpoint_url": ...}`` for S3); they
-            say how to reach the data, not what it is, so no cache key holds them.
+        storage_options: fsspec options for URL sources (``{"endpoint_url": ...}``); in no cache key.
 
     Returns:
         An :class:`ExtractResult`; ``result.path`` is the exported file, with

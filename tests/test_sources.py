@@ -302,6 +302,11 @@ def test_s3_shards_and_manifest_on_a_local_endpoint(image_tree: Path, tmp_path: 
     assert meta["class_names"] == list(CLASSES)
     again = embedpipe.extract("s3://images/wds/*.tar", spec, cache_dir=cache, run=run)
     assert again.computed == 0
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    done = embedpipe_cli("extract", "s3://images/wds/shards-{000000..000002}.tar", "--storage-option", f"endpoint_url={endpoint}",
+                         "-b", "test_resnet", "--no-pretrained", "--img-size", "64", "--workers", "0", "--cache-dir", str(cache))
+    assert done.returncode == 0, done.stderr
+    assert embedpipe.load(done.stdout.strip())[0].shape[0] == 24
     with pytest.raises(DataError, match="s3://images/wds/shards-000003.tar") as info:
         load_dataset("s3://images/wds/shards-{000002..000003}.tar", storage_options=options)
     assert "\n" not in str(info.value)

@@ -95,9 +95,6 @@ def fine_tune(
     out = Path(out)
     check_out_folder(out, resume=resume)
     dataset = load_dataset(source, split=split)
-    if dataset.reader is not None:
-        raise DataError(f"{source} is a {dataset.layout} source: fine-tuning reads image files; pass a folder or a "
-                        "manifest of local files (embedpipe extract reads every input kind)")
     splits = _splits(dataset, config, source)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
@@ -139,6 +136,9 @@ def fine_tune(
 
 def _splits(dataset: Dataset, config: FineTuneConfig, source: str | Path) -> Splits:
     """The dataset's train (few-shot when ``config.shots``), val and test images; train and val must not be empty."""
+    if dataset.reader is not None:
+        raise DataError(f"{source} is a {dataset.layout} source: fine-tuning reads image files; pass a folder or a "
+                        "manifest of local files (embedpipe extract reads every input kind)")
     if not dataset.labelled:
         raise FineTuneError(f"{source} holds unlabelled images: fine-tune needs class folders or a manifest with labels")
     parts = {name: Split(tuple(str(r.path) for r in dataset.records if r.split == name),
