@@ -30,7 +30,7 @@ from .cache.layout import DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
-from .data import Dataset, PathColumn, load_dataset
+from .data import Dataset, ItemColumn, PathColumn, load_dataset
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
@@ -146,6 +146,7 @@ def extract(
     split: SplitConfig | None = None,
     run: RunConfig = RunConfig(),
     progress: ProgressFactory = no_progress,
+    storage_options: dict[str, Any] | None = None,
 ) -> ExtractResult:
     """Embed every image of a dataset once, into the cache, and export it to one HDF5 file.
 
@@ -154,12 +155,13 @@ def extract(
     stopped.
 
     Args:
-        source: folder tree, CSV manifest or plain folder of images.
+        source: folder, manifest, tar shards, saved HF dataset or URL (:func:`~embedpipe.data.load_dataset`).
         backbone: a timm model name, or a :class:`BackboneSpec` for weights/outputs/precision.
         cache_dir: the cache folder; created when missing.
         split: how to split labelled data that comes without a split.
         run: device, batch size, workers, error policy.
         progress: progress bar factory (see :data:`embedpipe._progress.ProgressFactory`).
+        storage_options: fsspec options for URL sources (``{"endpoint_url": ...}``); in no cache key.
 
     Returns:
         An :class:`ExtractResult`; ``result.path`` is the exported file, with
@@ -170,7 +172,7 @@ def extract(
     cache_dir = Path(cache_dir)
     if run.on_error not in ("skip", "fail"):
         raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
-    dataset = load_dataset(source, split=split)
+    dataset = load_dataset(source, split=split, storage_options=storage_options)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
     config = resolve(spec, device, cache_dir=ensure_folder(cache_dir))
@@ -226,7 +228,7 @@ def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, 
                          images_per_second=images_per_second)
 
 
-def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: Snapshot | None,
+def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray, snapshot: Snapshot | None,
              packed: tuple[np.ndarray, np.ndarray], ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
     """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
     digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
@@ -238,8 +240,7 @@ def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: S
         todo = np.flatnonzero(~kept)
     mine = ranks.share(todo)
     with progress("hashing", len(todo)) as advance:
-        hashed = index.digests(PathColumn(paths.base, [paths.relpaths[i] for i in mine.tolist()]), stats=stats[mine],
-                               progress=advance)
+        hashed = index.digests(paths.take(mine.tolist()), stats=stats[mine], progress=advance)
     digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
     return digests
 
@@ -290,7 +291,7 @@ def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpe
     _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
     todo = np.flatnonzero(missing)[np.sort(first)]
     mine = ranks.share(todo)
-    paths = PathColumn(str(dataset.base), [dataset.relpaths[i] for i in mine.tolist()])
+    paths = dataset.paths.take(mine.tolist())
     own = _compute(store, digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
     return ranks.gather(own)  # also waits for every rank's last shard
 

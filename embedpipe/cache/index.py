@@ -7,6 +7,10 @@ ctime is not safely older than the moment it was hashed is "racily clean" (the f
 changed within the same timestamp tick) and is hashed again. Each row also carries a short hash
 binding its digest to its path and stat key, so digests swapped between rows, or edited, are not
 trusted either; an index SQLite cannot read is moved aside and rebuilt by hashing.
+
+Items that are not files (tar members, table rows, URLs: :class:`~embedpipe.data.items.ItemColumn`)
+go through the same index under their locator, with the stat key their reader gives (their
+container's) and the sha256 of the bytes it reads, so an image has one digest however it is stored.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import sha256_file
-from ..errors import CacheError
+from ..data.items import ItemColumn
+from ..errors import CacheError, DataError
 from .layout import DIGEST_DTYPE, INDEX_FILE
 
 logger = logging.getLogger(__name__)
@@ -42,9 +47,14 @@ TABLE = "stats_v2"
 def stat_files(paths: Sequence[str]) -> np.ndarray:
     """The stat key of each file: int64 ``(N, 4)`` of size, mtime_ns, ctime_ns, inode.
 
+    An :class:`~embedpipe.data.items.ItemColumn` gives its items' keys (its containers' stats).
+
     Raises:
         CacheError: a file is missing or unreadable, named in the message.
+        DataError: an item's container (a shard, a table file, an object) is missing.
     """
+    if isinstance(paths, ItemColumn):
+        return paths.stat_keys()
     stats = np.empty((len(paths), 4), dtype=np.int64)
     for row, path in enumerate(paths):
         try:
@@ -63,6 +73,14 @@ def trusted(stats: np.ndarray, hashed_ns: np.ndarray | int) -> np.ndarray:
 def _row_check(path: str, *fields: object) -> str:
     """Binds a row's digest to its path and stat key: rows whose digests were swapped or edited are hashed again."""
     return hashlib.sha256("\0".join(map(str, (path, *fields))).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _sha256_item(items: ItemColumn, i: int) -> str:
+    """Hex sha256 of an item's bytes: the digest a file holding them gets."""
+    try:
+        return hashlib.sha256(items.read(i)).hexdigest()
+    except OSError as error:  # the message names the item (a URL, a shard member)
+        raise DataError(f"cannot read {error}: check it exists and is reachable") from None
 
 
 class FileIndex:
@@ -103,7 +121,7 @@ class FileIndex:
         Raises:
             CacheError: a file vanished while scanning, or the index cannot be read or written.
         """
-        if not isinstance(paths, Sequence) or not all(isinstance(p, str) for p in paths[:1]):
+        if not isinstance(paths, (Sequence, ItemColumn)) or not all(isinstance(p, str) for p in paths[:1]):
             paths = [os.fspath(p) for p in paths]
         stats = stat_files(paths) if stats is None else stats
         for attempt in (1, 2):
@@ -162,7 +180,8 @@ class FileIndex:
         if stale:
             logger.debug("hashing %d new, changed or racily clean files", len(stale))
         rows = []
-        for i, digest in zip(stale, pool.map(lambda i: sha256_file(paths[i]), stale)):
+        hash_one = (lambda i: _sha256_item(paths, i)) if isinstance(paths, ItemColumn) else (lambda i: sha256_file(paths[i]))
+        for i, digest in zip(stale, pool.map(hash_one, stale)):
             result[i] = digest
             row = (paths[i], *keys[i], time.time_ns(), digest)
             rows.append((*row, _row_check(*row)))
