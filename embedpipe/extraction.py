@@ -124,6 +124,8 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
         "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
         "split": dataset.split_config.to_dict() if dataset.split_config else None,
     }).encode())
+    if dataset.rejected:  # files left out of the rows still change what the file's ledger says
+        digest.update(canonical_json(list(dataset.rejected)).encode())
     blob, offsets = packed if packed is not None else pack_strings(list(dataset.relpaths))
     return hash_columns(digest, (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
                                  np.asarray(digests, dtype=DIGEST_DTYPE))).hexdigest()
@@ -183,7 +185,10 @@ def extract(
     taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
     stats = stat_files(paths)
     snapshot = listings.read(listing_key)
-    if snapshot is not None and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
+    if dataset.rejected:
+        logger.warning("%d file(s) left out: %s: %s", len(dataset.rejected), *dataset.rejected[0])
+    # A snapshot holds the rows, not the files left out of them, so a dataset with such files takes the slow path.
+    if snapshot is not None and not dataset.rejected and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
         # Every file is as it was when this export was made: answered from one stat per file.
         _raise_on_failures(run, snapshot.errors)
         return _result(cache_dir / snapshot.export, dataset, config, device, started, cache_hit=True, failed=snapshot.errors,
@@ -222,8 +227,9 @@ def extract(
 def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, started: float, *, cache_hit: bool,
             failed: list[tuple[str, str]], dims: dict[str, int], computed: int = 0,
             images_per_second: float | None = None) -> ExtractResult:
-    return ExtractResult(path=path, cache_hit=cache_hit, num_images=len(dataset) - len(failed), computed=computed,
-                         reused=len(dataset) - len(failed) - computed, failed=failed, dims=dims, backbone=config.backbone,
+    embedded = len(dataset) - (len(failed) - len(dataset.rejected))  # the ledger also lists the files left out
+    return ExtractResult(path=path, cache_hit=cache_hit, num_images=embedded, computed=computed, reused=embedded - computed,
+                         failed=failed, dims=dims, backbone=config.backbone,
                          cache_key=config.key(), device=device, seconds=time.perf_counter() - started,
                          images_per_second=images_per_second)
 
@@ -265,7 +271,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
                 break
             if ranks.world > 1:
                 store.compact()
-            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels,
+            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels, rejected=dataset.rejected,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:

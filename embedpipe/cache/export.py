@@ -76,6 +76,7 @@ class ExportRequest:
     split: list[str] | None
     digests: np.ndarray  # S64 (N,): each image's content digest
     meta: ExportMeta
+    rejected: tuple[tuple[str, str], ...] = ()  # (path, reason) of files the dataset could not take in, ledgered last
 
 
 def export_name(dataset_name: str, backbone: str, fingerprint: str) -> str:
@@ -128,14 +129,16 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
             columns = {
                 "labels": np.asarray(request.labels)[ok].astype(np.int64),
                 "digests": digests[ok],
-                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()],
+                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()]
+                + [reason for _, reason in request.rejected],
             }
             for name, column in columns.items():
                 f.create_dataset(name, data=column, dtype=STR_DTYPE if name == "errors/reasons" else None)
             _write_text_column(f, "paths", request.paths, ok)
             if request.split is not None:
                 _write_text_column(f, "split", request.split, ok)
-            _write_text_column(f, "errors/paths", request.paths, failed)
+            ledger = [*(request.paths[i] for i in failed.tolist()), *(path for path, _ in request.rejected)]
+            _write_text_column(f, "errors/paths", ledger, np.arange(len(ledger)))
             for name in CHECKSUMMED:
                 if name in f:
                     column_digest(f[name], sums[name])

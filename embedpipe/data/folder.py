@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from ..errors import DataError
-from .records import IMAGE_EXTENSIONS, SPLITS, UNLABELLED, Dataset, make_dataset
+from .records import IMAGE_EXTENSIONS, SPLITS, UNLABELLED, Dataset, is_utf8, make_dataset
+
+logger = logging.getLogger(__name__)
 
 
 def is_image(name: str) -> bool:
@@ -25,9 +28,15 @@ def images_under(folder: str, prefix: str = "") -> list[str]:
     """
     found: list[str] = []
     pending = [(folder, prefix)]
+    seen: set[tuple[int, int]] = set()  # (device, inode) of each folder listed: a symlink loop is listed once
     while pending:
         directory, rel = pending.pop()
         try:
+            st = os.stat(directory)
+            if (st.st_dev, st.st_ino) in seen:
+                logger.warning("%s was already listed (a symlink loop, or two links to one folder): skipped", directory)
+                continue
+            seen.add((st.st_dev, st.st_ino))
             entries = list(os.scandir(directory))
         except OSError as error:
             raise DataError(f"cannot list {directory} ({error.strerror}): check it exists and is readable") from None
@@ -35,7 +44,7 @@ def images_under(folder: str, prefix: str = "") -> list[str]:
             name = entry.name
             if name.startswith("."):
                 continue
-            if entry.is_dir():
+            if entry.is_dir():  # symlinks are followed: a dataset is what its paths name
                 pending.append((entry.path, f"{rel}{name}/"))
             elif is_image(name):
                 found.append(rel + name)
@@ -61,7 +70,9 @@ def load_folder(root: Path) -> Dataset:
             )
         return load_split_folders(root, split_dirs)
     per_class = {d.name: images_under(str(d), f"{d.name}/") for d in subdirs}
-    class_names = tuple(name for name, images in per_class.items() if images)
+    # A class whose folder name is not UTF-8 cannot be named in the export: its images are rejected (ledgered).
+    unnamed = [relpath for name, images in per_class.items() if not is_utf8(name) for relpath in images]
+    class_names = tuple(name for name, images in per_class.items() if images and is_utf8(name))
     if class_names:
         if loose:
             raise DataError(
@@ -69,7 +80,7 @@ def load_folder(root: Path) -> Dataset:
                 "move the loose images into a class folder, or point at a folder of only unlabelled images"
             )
         groups = [(per_class[name], label, None) for label, name in enumerate(class_names)]
-        return make_dataset(root, "folder", groups, class_names=class_names)
+        return make_dataset(root, "folder", [*groups, (unnamed, UNLABELLED, None)], class_names=class_names)
     return make_dataset(root, "unlabelled", [(images_under(str(root)), UNLABELLED, None)])
 
 
@@ -84,7 +95,7 @@ def load_split_folders(root: Path, split_dirs: list[Path]) -> Dataset:
             )
         for class_dir in visible_dirs(split_dir):
             found[split_dir.name, class_dir.name] = images_under(str(class_dir), f"{split_dir.name}/{class_dir.name}/")
-    class_names = tuple(sorted({name for (_, name), images in found.items() if images}))
+    class_names = tuple(sorted({name for (_, name), images in found.items() if images and is_utf8(name)}))
     index = {name: label for label, name in enumerate(class_names)}
-    groups = [(images, index[name], split_name.lower()) for (split_name, name), images in found.items() if images]
+    groups = [(images, index.get(name, UNLABELLED), split_name.lower()) for (split_name, name), images in found.items() if images]
     return make_dataset(root, "split-folder", groups, class_names=class_names, split_source="given")

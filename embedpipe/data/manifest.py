@@ -177,10 +177,10 @@ def _confined(raw: str, base: str, where: str, remote: bool) -> str:
         relpath = posixpath.normpath(raw.replace("\\", "/"))
         escapes = relpath == ".." or relpath.startswith(("../", "/"))
     else:
-        root = Path(base)
-        path = (root / raw).resolve()
-        escapes = not path.is_relative_to(root)
-        relpath = "" if escapes else path.relative_to(root).as_posix()
+        # Confined by its text, as a remote path is: ``..`` and absolute paths are refused, symlinks inside
+        # the folder are followed (they are the folder owner's, not the manifest author's), as in folder trees.
+        relpath = Path(os.path.relpath(os.path.normpath(os.path.join(base, raw)), base)).as_posix()
+        escapes = relpath in ("..", ".") or relpath.startswith("../")
     if escapes:
         raise DataError(
             f"{where}: path {raw!r} escapes the manifest's folder {base}: "

@@ -90,6 +90,9 @@ class Dataset:
     # table rows, URLs); None for plain files, whose fast path is a list of paths and stat keys.
     reader: Reader | None = None
     title: str = ""  # the short name, when the root's own name is not it (a shard pattern, a URL)
+    # Files found but not taken in, as (path shown with \x escapes, reason): names that are not valid
+    # UTF-8, which no export column, index or JSON could store; they go to the error ledger.
+    rejected: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -158,6 +161,23 @@ class Dataset:
         return described
 
 
+NOT_UTF8 = "its name is not valid UTF-8 (shown with \\x escapes): rename it to embed it"
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (Python holds invalid bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(name: str) -> str:
+    """A file-system name as valid text: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], int, str | None]], **kw: Any) -> Dataset:
     """A dataset from groups of relative paths that share a label and a split, sorted by path.
 
@@ -165,6 +185,12 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], in
     in order, as a folder tree's usually is, is not sorted again.
     """
     codes = {name: i for i, name in enumerate(SPLITS)}
+    rejected = [*kw.pop("rejected", ())]
+    if any(not is_utf8(relpath) for paths, _, _ in groups for relpath in paths):
+        rejected += [(shown(relpath), NOT_UTF8) for paths, _, _ in groups for relpath in paths if not is_utf8(relpath)]
+        groups = [([relpath for relpath in paths if is_utf8(relpath)], label, split) for paths, label, split in groups]
+    if rejected:
+        kw["rejected"] = tuple(sorted(rejected))
     relpaths = [relpath for paths, _, _ in groups for relpath in paths]
     counts = [len(paths) for paths, _, _ in groups]
     labels = np.repeat(np.array([label for _, label, _ in groups], dtype=np.int64), counts)
