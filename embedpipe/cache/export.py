@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -177,6 +178,15 @@ def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS].tolist()
         data[start : start + len(part)] = [values[i] for i in part]
+
+
+def _checksums(f: h5py.File) -> dict[str, str]:
+    """The ``checksums`` attribute as a dict (empty when unreadable: :func:`column_problems` reports that)."""
+    try:
+        found = json.loads(f.attrs["checksums"])
+    except (KeyError, ValueError, TypeError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
@@ -352,7 +362,15 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
             missing = [n for n in names if n not in stored]
             if missing:
                 raise CacheError(f"{path} has no {missing[0]!r} output (it has {', '.join(stored)}): pick one of those")
-            arrays = {name: f[name][:].astype(dtype) for name in names}
+            expected = _checksums(f)
+            arrays = {}
+            for name in names:
+                stored_rows = f[name][:]
+                # Read whole anyway, so its sha256 costs little: rows swapped or edited through h5py
+                # (which keeps HDF5's own Fletcher-32 valid) are refused here too, not only by `cache verify`.
+                if name in expected and hashlib.sha256(np.ascontiguousarray(stored_rows).data).hexdigest() != expected[name]:
+                    raise CacheError(f"{path}: {name} does not match its checksum: {REBUILD}")
+                arrays[name] = stored_rows.astype(dtype)
             for name, array in arrays.items():
                 if not np.isfinite(array).all():
                     row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
