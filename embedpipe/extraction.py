@@ -27,10 +27,11 @@ from .cache.export import read_ledger, verify_export
 from .cache.index import stat_files
 from .cache.store import ShardReadError
 from .cache.layout import DIGEST_DTYPE
-from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, unchanged_rows
+from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, same_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, ItemColumn, PathColumn, load_dataset
+from .data.load import needs_seeded_split, with_seeded_split
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
@@ -174,17 +175,22 @@ def extract(
     cache_dir = Path(cache_dir)
     if run.on_error not in ("skip", "fail"):
         raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
-    dataset = load_dataset(source, split=split, storage_options=storage_options)
+    dataset = load_dataset(source, split=split, storage_options=storage_options, seed_split=False)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
     config = resolve(spec, device, cache_dir=ensure_folder(cache_dir))
     listings = Listings(cache_dir)
-    listing_key = Listings.key(str(dataset.root), dataset.split_config.to_dict() if dataset.split_config else None, config.key())
+    seeded = (split or SplitConfig()) if needs_seeded_split(dataset) else None
+    listing_key = Listings.key(str(dataset.root), seeded.to_dict() if seeded else None, config.key())
     packed = pack_strings(list(dataset.relpaths))
     paths = dataset.paths
     taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
     stats = stat_files(paths)
     snapshot = listings.read(listing_key)
+    # The seeded split is a function of the rows, their labels and the split settings (in the listing
+    # key): when those are the snapshot's, so is the split, and no path is hashed for it again.
+    same_rows = snapshot is not None and same_strings(snapshot, packed) and np.array_equal(snapshot.labels, dataset.labels)
+    dataset = with_seeded_split(dataset, split, known=snapshot.split_codes if same_rows and seeded else None)
     if dataset.rejected:
         logger.warning("%d file(s) left out: %s: %s", len(dataset.rejected), *dataset.rejected[0])
     # A snapshot holds the rows, not the files left out of them, so a dataset with such files takes the slow path.

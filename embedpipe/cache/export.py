@@ -366,15 +366,14 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
             arrays = {}
             for name in names:
                 stored_rows = f[name][:]
+                array = arrays[name] = stored_rows.astype(dtype)
+                if not np.isfinite(array).all():
+                    row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+                    raise CacheError(f"{path} has non-finite {name} (first at row {row}): {REBUILD}")
                 # Read whole anyway, so its sha256 costs little: rows swapped or edited through h5py
                 # (which keeps HDF5's own Fletcher-32 valid) are refused here too, not only by `cache verify`.
                 if name in expected and hashlib.sha256(np.ascontiguousarray(stored_rows).data).hexdigest() != expected[name]:
                     raise CacheError(f"{path}: {name} does not match its checksum: {REBUILD}")
-                arrays[name] = stored_rows.astype(dtype)
-            for name, array in arrays.items():
-                if not np.isfinite(array).all():
-                    row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
-                    raise CacheError(f"{path} has non-finite {name} (first at row {row}): {REBUILD}")
             damaged = column_problems(f, outputs=False)
             if damaged:
                 raise CacheError(f"{path}: {damaged[0]}: {REBUILD}")

@@ -179,11 +179,15 @@ def unchanged_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.nda
     return rows
 
 
+def same_strings(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether today's relative paths are the snapshot's, in the same order."""
+    blob, offsets = relpaths_packed
+    return np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
+
+
 def is_hit(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
            stats: np.ndarray, export: Path) -> bool:
     """Whether today's rows and files are exactly those the snapshot's export was made from, and the export is untouched."""
-    blob, offsets = relpaths_packed
-    return (np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
-            and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
+    return (same_strings(snapshot, relpaths_packed) and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
             and np.array_equal(snapshot.stats, stats) and bool(trusted(stats, snapshot.taken_ns).all())
             and np.array_equal(snapshot.export_stat, export_stat(export)) and bool(snapshot.export_stat[0]))

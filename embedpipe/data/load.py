@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import SplitConfig
 from ..errors import DataError
 from .folder import load_folder
@@ -22,7 +24,7 @@ KINDS = "a folder of images, a CSV or Parquet manifest, .tar shards or a saved H
 
 
 def load_dataset(source: str | Path, *, split: SplitConfig | None = None,
-                 storage_options: dict[str, Any] | None = None) -> Dataset:
+                 storage_options: dict[str, Any] | None = None, seed_split: bool = True) -> Dataset:
     """Read a folder tree, a manifest, tar shards or a saved Hugging Face dataset, local or behind a URL.
 
     Args:
@@ -32,6 +34,8 @@ def load_dataset(source: str | Path, *, split: SplitConfig | None = None,
         split: how to split labelled images that come without a split; the
             default :class:`SplitConfig` when None. Unlabelled data is not split.
         storage_options: passed to fsspec for URLs (e.g. ``{"endpoint_url": "http://localhost:9000"}`` for S3).
+        seed_split: make the seeded split here; False leaves it to :func:`with_seeded_split`
+            (the extract stage reuses the last run's split when the rows are the same).
 
     Raises:
         DataError: the source is missing, empty or malformed.
@@ -49,12 +53,27 @@ def load_dataset(source: str | Path, *, split: SplitConfig | None = None,
             f"no images found in {shown} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}): "
             "check the path, or the layout described in the README"
         )
-    if dataset.labelled and not dataset.has_split:
-        split = split or SplitConfig()
-        dataset = dataclasses.replace(dataset, split_codes=stratified_split(dataset.relpaths, dataset.labels, split),
-                                      split_source="seeded", split_config=split)
     logger.info("%s: %d images, %d classes, layout %s", shown, len(dataset), len(dataset.class_names), dataset.layout)
-    return dataset
+    return with_seeded_split(dataset, split) if seed_split else dataset
+
+
+def needs_seeded_split(dataset: Dataset) -> bool:
+    """Labelled images that came without a split are split from a seed."""
+    return dataset.labelled and not dataset.has_split
+
+
+def with_seeded_split(dataset: Dataset, split: SplitConfig | None, *, known: np.ndarray | None = None) -> Dataset:
+    """The dataset with its seeded split (see :func:`stratified_split`), when it needs one.
+
+    Args:
+        known: the split codes already made for these same rows, labels and ``split`` (a cache
+            listing's), used instead of hashing every path again.
+    """
+    if not needs_seeded_split(dataset):
+        return dataset
+    split = split or SplitConfig()
+    codes = known if known is not None else stratified_split(dataset.relpaths, dataset.labels, split)
+    return dataclasses.replace(dataset, split_codes=codes, split_source="seeded", split_config=split)
 
 
 def _load_local(source: Path, storage_options: dict[str, Any] | None) -> Dataset:
