@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -189,3 +190,60 @@ def test_verify_finds_it_and_extract_heals_it(kind: str, clean: tuple[Path, Path
     if says is not None:
         assert says in caplog.text, f"extract did not say what it replaced ({kind}): {caplog.text}"
     assert embedpipe.cache_verify(cache) == [], f"still damaged after extract: {kind}"
+
+
+# --------------------------------------------------------------------------- compaction
+
+
+def _store(tmp_path: Path) -> Any:
+    from embedpipe.cache import Store
+    from embedpipe.config import EmbeddingConfig, PreprocessConfig
+
+    preprocess = PreprocessConfig(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
+                                  crop_pct=1.0, crop_mode="center")
+    store = Store(tmp_path / "cache", EmbeddingConfig(backbone="none", weights="random:0", preprocess=preprocess, dtype="float32"))
+    store.create()
+    return store
+
+
+def _rows(shards: int, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    digests = np.array([f"{i:064x}".encode() for i in range(shards * rows)], dtype="S64")
+    return digests, rng.standard_normal((shards * rows, width)).astype(np.float32)
+
+
+def test_compaction_keeps_every_row_and_error_and_streams(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from embedpipe.cache.housekeeping import verify_store
+
+    store = _store(tmp_path)
+    shards, rows, width = 8, 4000, 64  # 8 MB of rows in all, 1 MB per shard
+    digests, embeddings = _rows(shards, rows, width)
+    for s in range(shards):
+        part = slice(s * rows, (s + 1) * rows)
+        store.write_shard(digests[part], {"embedding": embeddings[part]}, [(f"{s:064x}e".encode()[:64], f"reason {s}")])
+    tracemalloc.start()
+    store.compact(force=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(store.shards()) == 1 and verify_store(store.root) == []
+    assert peak < 3 * rows * width * 4, f"compaction held {peak} bytes: more than a shard or two of rows"  # all: 8 shards
+    index = store.index()
+    np.testing.assert_array_equal(store.read_rows(index, digests[::-1], "embedding"), embeddings[::-1])
+    assert sorted(index.errors.values()) == [f"reason {s}" for s in range(shards)]
+
+
+def test_a_damaged_shard_is_never_merged_into_a_fresh_one(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    digests, embeddings = _rows(4, 50, 16)
+    written = [store.write_shard(digests[s * 50 : (s + 1) * 50], {"embedding": embeddings[s * 50 : (s + 1) * 50]}) for s in range(4)]
+    with h5py.File(written[1], "r+") as f:  # rows swapped through h5py: only the checksums can tell
+        f["embeddings"][...] = _swap_rows(f["embeddings"][...])
+    store._checked = None  # a new process: nothing remembered about the edited shard's stat
+    (store.root / "checked.json").unlink(missing_ok=True)
+    store.compact(force=True)
+    index = store.index()
+    assert not index.has_rows(digests[50:100]).any() and index.has_rows(digests[:50]).all()
+    assert list((store.root / "quarantine").glob("*.h5"))
+    np.testing.assert_array_equal(store.read_rows(index, digests[100:], "embedding"), embeddings[100:])

@@ -93,6 +93,7 @@ def column_digest(data: h5py.Dataset, digest: Any) -> Any:
             digest.update(b"".join(bytes(v) + b"\0" for v in block))
         else:
             digest.update(np.ascontiguousarray(block).data)
+        del block  # freed before the next block is read: one block in memory, not two
     return digest
 
 

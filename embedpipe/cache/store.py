@@ -23,11 +23,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .._atomic import fsync_dir
+from .._atomic import fsync_dir, temporary_name
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from .index import RACY_NS, stat_files
-from .layout import (CHECKED_FILE, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG,
+from .layout import (CHECKED_FILE, CHUNK_ROWS, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG,
                      STR_DTYPE, TMP_PREFIX, checksum_problems, column_checksums, dataset_name_for, store_root, visible_h5,
                      write_or_fail)
 
@@ -182,9 +182,11 @@ class Store:
         # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
         # read from its first shard in name order, as a stable sort keeps it first among equals.
         order = np.argsort(every, kind="stable")
-        digests, first = np.unique(every[order], return_index=True)
+        every = every[order]
+        first = np.ones(len(every), dtype=bool)  # the first of each run of equal digests (one sort, not np.unique's second)
+        np.not_equal(every[1:], every[:-1], out=first[1:])
         chosen = order[first]
-        return StoreIndex(digests=digests, shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
+        return StoreIndex(digests=every[first], shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
 
     def _checked_shards(self) -> dict[str, list[int]]:
         if self._checked is None:
@@ -275,34 +277,88 @@ class Store:
         for group in groups:
             if len(group) < 2:
                 continue
-            digests: list[bytes] = []
-            parts: dict[str, list[np.ndarray]] = {}
-            errors: list[tuple[bytes, str]] = []
-            readable = []
-            for shard in group:
-                try:
-                    with h5py.File(shard, "r") as f:
-                        shard_digests = f["digests"][:].tolist()
-                        shard_parts = {output: f[dataset_name_for(output)][:] for output in self.config.outputs}
-                        shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
-                except DAMAGED as error:
-                    self.quarantine(shard, error)  # its rows are recomputed; the others are merged
-                    continue
-                readable.append(shard)
-                digests.extend(shard_digests)
-                for output, array in shard_parts.items():
-                    parts.setdefault(output, []).append(array)
-                errors.extend(shard_errors)
-            group = readable
-            if len(group) < 2:
-                continue
-            merged = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-            self.write_shard(digests, merged, errors)
-            for shard in group:  # only after the merged shard is durable
+            merged = self._merge(group)
+            for shard in merged:  # only after the merged shard is durable
                 shard.unlink(missing_ok=True)
                 self.written.discard(shard)
         fsync_dir(self.shard_dir)
         self.save_checked()
+
+    def _merge(self, group: list[Path]) -> list[Path]:
+        """Write the rows of ``group`` into one new shard, a source shard at a time; returns the shards merged.
+
+        Streamed through h5py into a temporary file (fsync'd, then renamed), so memory holds one
+        small shard's rows, not the merged shard's: 65,536 rows of a 1,024-wide float16 output are
+        128 MiB. A shard that fails its checks is moved aside first, so its rows are recomputed and
+        never copied into a shard with fresh checksums.
+        """
+        sources: list[tuple[Path, int]] = []
+        widths: dict[str, int] = {}
+        for shard in group:
+            try:
+                with h5py.File(shard, "r") as f:
+                    self._check(shard, f)
+                    n = int(f["digests"].shape[0])
+                    for output in self.config.outputs:
+                        shape = f[dataset_name_for(output)].shape
+                        if len(shape) != 2 or shape[0] != n:
+                            raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
+                        if n:
+                            widths.setdefault(output, int(shape[1]))
+            except DAMAGED as error:
+                self.quarantine(shard, error)  # its rows are recomputed; the others are merged
+                continue
+            sources.append((shard, n))
+        if len(sources) < 2:
+            return []
+        total = sum(n for _, n in sources)
+        path = self.shard_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
+        tmp = temporary_name(path)
+        try:
+            with h5py.File(tmp, "w") as out:
+                out.attrs["kind"] = SHARD_KIND
+                out.attrs["format_version"] = CACHE_FORMAT
+                out.attrs["cache_key"] = self.key
+                digests = out.create_dataset("digests", shape=(total,), dtype=DIGEST_DTYPE)
+                data = {output: out.create_dataset(dataset_name_for(output), shape=(total, widths.get(output, 0)) if total else (0, 0),
+                                                   dtype=self.config.dtype, fletcher32=bool(total and widths.get(output)),
+                                                   chunks=(min(total, CHUNK_ROWS), widths[output]) if total and widths.get(output) else None)
+                        for output in self.config.outputs}
+                errors: list[tuple[bytes, str]] = []
+                at = 0
+                for shard, n in sources:
+                    with h5py.File(shard, "r") as f:
+                        digests[at : at + n] = f["digests"][:]
+                        for output, target in data.items():
+                            if n:
+                                target[at : at + n] = f[dataset_name_for(output)][:]
+                        if "errors" in f:
+                            errors += zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])
+                    at += n
+                if errors:
+                    out.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
+                    out.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
+                names = ["digests", *(dataset_name_for(o) for o in self.config.outputs), "errors/digests", "errors/reasons"]
+                out.attrs["checksums"] = column_checksums(out, names)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except DAMAGED as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(error, OSError) and not isinstance(error, FileNotFoundError):
+                raise CacheError(f"could not write {path} ({error}): free disk space or pick another --cache-dir; "
+                                 "finished work is kept and the next run resumes") from None
+            return []  # a source changed under us: leave the group as it is
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        fsync_dir(self.shard_dir)
+        self.written.add(path)
+        self._checked_shards()[path.name] = stat_files([str(path)])[0].tolist()  # checksums made from what we wrote
+        self._checked_changed = True
+        return [shard for shard, _ in sources]
 
     def width(self, index: StoreIndex, output: str) -> int:
         """Width D of an output, from the first shard that holds rows (0 when none does)."""
