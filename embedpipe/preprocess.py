@@ -101,6 +101,13 @@ def resize_target(config: PreprocessConfig) -> int:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB; an RGB image without a colour key is returned as is, not copied.
+
+    So the caller passes an image that outlives its file (decode_image passes exif_transpose's
+    copy): the copy convert("RGB") would make costs about 5% of decoding a 500x375 JPEG.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
     if image.mode in _WIDE_MODES:
         array = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
