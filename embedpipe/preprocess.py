@@ -11,7 +11,6 @@ normalised (a quarter of the bytes to move, as timm's prefetcher does).
 from __future__ import annotations
 
 import functools
-import io
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -129,54 +128,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-try:  # the optional embedpipe[turbo] extra: libjpeg-turbo without Pillow's per-image overheads
-    import simplejpeg as _simplejpeg
-except ImportError:  # pragma: no cover - depends on the install
-    _simplejpeg = None
-
-_JPEG_SOI = b"\xff\xd8\xff"
-_EXIF_ORIENTATION = 0x0112
-_FAST_COLORSPACES = ("YCbCr", "Gray")  # CMYK, YCCK and Adobe RGB files go through Pillow's own conversions
-
-
-def _fast_jpeg(path: str | Path, draft_to: int | None) -> Image.Image | None:
-    """A JPEG decoded by simplejpeg exactly as :func:`decode_image` decodes it with Pillow, or None.
-
-    The same libjpeg-turbo settings (accurate integer IDCT, fancy upsampling) at the same scale
-    Pillow's draft picks, so the same pixels (tests/test_data.py checks it on this install), about
-    1.2-1.6x faster through timm's resize and crop (benchmarks/README.md, issue 13). None, so that
-    Pillow decodes, for anything else: not a JPEG, another colourspace, an EXIF orientation to
-    apply, more pixels than Pillow's decompression-bomb limit, and any file simplejpeg finds
-    damaged (Pillow then raises its own error, or decodes what it can as it always did).
-    """
-    with open(path, "rb") as handle:
-        if handle.read(3) != _JPEG_SOI:
-            return None
-        data = _JPEG_SOI + handle.read()
-    try:
-        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-    except (ValueError, RuntimeError):
-        return None
-    limit = Image.MAX_IMAGE_PIXELS
-    if colorspace not in _FAST_COLORSPACES or not width or not height or (limit and width * height > limit):
-        return None
-    head = data[: 1 << 16]  # the APPn segments sit near the start
-    if b"MPF\x00" in head:  # multi-picture (MPO): Pillow opens it as "MPO" and does not draft it
-        return None
-    if b"Exif" in head:  # only then is opening with Pillow, for the orientation, worth it
-        with Image.open(io.BytesIO(data)) as image:
-            if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                return None
-    scale = min(width // draft_to, height // draft_to) if draft_to else 1
-    scale = next((s for s in (8, 4, 2, 1) if scale >= s), 1)  # as Pillow's JpegImageFile.draft picks it
-    try:
-        array = _simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True,
-                                        min_height=-(-height // scale), min_width=-(-width // scale))
-    except (ValueError, RuntimeError):
-        return None
-    return Image.fromarray(array)
-
-
 def decode_image(path: str | Path, *, draft_to: int | None = None) -> Image.Image:
     """Open an image file as an RGB PIL image, fully decoded.
 
@@ -189,8 +140,6 @@ def decode_image(path: str | Path, *, draft_to: int | None = None) -> Image.Imag
         OSError, ValueError, SyntaxError, EOFError: the file is not a decodable image.
             Pillow raises these for truncated, corrupt and unknown files.
     """
-    if _simplejpeg is not None and (fast := _fast_jpeg(path, draft_to)) is not None:
-        return fast
     with Image.open(path) as image:
         image.seek(0)  # GIF and multi-page TIFF: the first frame
         if draft_to and image.format == "JPEG":
