@@ -16,8 +16,8 @@ resolves for the device (bf16 autocast on CUDA) and channels_last for convnets:
   PIL path's embeddings says how far the GPU's decode and resampling move them.
 - ``torchrun``: 1 vs N processes of ``torchrun -m embedpipe extract`` (first backbone), when
   ``torch.cuda.device_count() > 1``.
-- ``forward_compiled``: the forward under ``torch.compile`` (inductor on CUDA; the quick eager
-  backend in ``--quick``), its compile time recorded; a failure is recorded, not fatal.
+- ``forward_compiled``: the forward as ``--compile`` runs it (``inference.prepare_model``: inductor;
+  the eager backend in ``--quick``), its compile time recorded; a failure is recorded, not fatal.
 
 A path that cannot run here is a row with ``skipped`` and its reason (no CUDA, one GPU, the time
 budget); a path that crashes is a row with ``error`` and makes the command exit 1 (compile
@@ -70,7 +70,7 @@ QUICK_PHOTO = (160, 120)
 # Rows that may fail without failing the command (torch.compile breaks on some stacks).
 OPTIONAL = {"forward_compiled"}
 # Seconds a row is expected to need at most, so the budget check can skip it in time.
-NEEDS = {"forward": 15, "e2e_pil": 30, "e2e_gpu_decode": 30, "torchrun": 90, "forward_compiled": 120}
+NEEDS = {"forward": 15, "e2e_pil": 30, "e2e_gpu_decode": 30, "e2e_device_loop_pil": 30, "torchrun": 90, "forward_compiled": 120}
 QUICK_NEEDS = {name: 3 for name in NEEDS}
 
 
@@ -288,7 +288,9 @@ class Check(Harness):
         if decode is not None and (config.preprocess.crop_mode != "center" or config.preprocess.interpolation not in ("bilinear", "bicubic")):
             why, decode = f"preprocessing {config.preprocess.crop_mode}/{config.preprocess.interpolation} not done on the GPU", None
         self.row(name, "e2e_gpu_decode", lambda: self.e2e_device(model, config, channels_last, decode, pil), skip=why)
-        self.pending.append((name, model, x, dtype))  # compiled rows run last: the slowest, and optional
+        if self.args.check_device_loop:  # the GPU-decode row's code, with PIL decoding the bytes: runs anywhere
+            self.row(name, "e2e_device_loop_pil", lambda: self.e2e_device(model, config, channels_last, pil_bytes_decoder(self.device), pil))
+        self.pending.append((name, channels_last, x, dtype))  # compiled rows run last: the slowest, and optional
         for row in self.records:
             if row.get("model") == name and forward and row.get("images_per_second") and row is not forward:
                 row["ratio_to_forward"] = row["images_per_second"] / forward["images_per_second"]
@@ -335,16 +337,18 @@ class Check(Harness):
             values.update(cosine_min_vs_pil=float(cos.min()), cosine_mean_vs_pil=float(cos.mean()))
         return values
 
-    def compiled(self, name: str, model: torch.nn.Module, x: torch.Tensor, dtype: Any) -> dict[str, Any]:
+    def compiled(self, name: str, channels_last: bool, x: torch.Tensor, dtype: Any) -> dict[str, Any]:
+        """The forward as ``--compile`` runs it: ``inference.prepare_model`` compiles the methods embed() calls."""
         backend = "eager" if self.args.quick else "inductor"  # eager: the dynamo path in seconds, for CI
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend=backend)
+        run = RunConfig(device=self.device, channels_last=channels_last, compile=True)
+        model = inference.prepare_model(load_backbone(name, pretrained=False), self.device, run, compile_backend=backend)
         started = time.perf_counter()
         with torch.inference_mode(), autocast(self.device, dtype):
-            compiled.forward_head(compiled.forward_features(x), pre_logits=True)
+            model.forward_head(model.forward_features(x), pre_logits=True)
         sync(self.device)
         compile_seconds = time.perf_counter() - started
-        return {**self.time_forward(compiled, x, dtype, warmup=1), "compile_seconds": compile_seconds, "backend": backend}
+        return {**self.time_forward(model, x, dtype, warmup=1), "compile_seconds": compile_seconds, "backend": backend}
 
     # ----------------------------------------------------------------- torchrun
 
@@ -382,7 +386,7 @@ class Check(Harness):
         self.warm = workdir / "warm"
         make_jpegs(self.warm, min(args.images, self.batch_size), size, processes=1)
         self.diag("dataset_seconds", time.perf_counter() - started, "s", photo_size="x".join(map(str, size)))
-        self.pending: list[tuple[str, torch.nn.Module, torch.Tensor, Any]] = []
+        self.pending: list[tuple[str, bool, torch.Tensor, Any]] = []
         models = args.models or (QUICK_MODELS if args.quick else MODELS)
         for name in models:
             self.backbone(name, workdir)
@@ -391,10 +395,11 @@ class Check(Harness):
         skip = "no CUDA" if not gpus else "one GPU" if gpus == 1 else ""
         self.common.update(model=first)
         self.row(first, "torchrun", lambda: self.torchrun(first, workdir), skip=skip)
-        for name, model, x, dtype in self.pending:
+        for name, channels_last, x, dtype in self.pending:
             self.common.update(model=name)
             forward = next((r for r in self.records if r.get("model") == name and r["variant"] == "forward" and not r.get("error")), None)
-            row = self.row(name, "forward_compiled", lambda: self.compiled(name, model, x, dtype))
+            skip = "--quick compiles the first model only" if args.quick and name != first else ""
+            row = self.row(name, "forward_compiled", lambda: self.compiled(name, channels_last, x, dtype), skip=skip)
             if row and forward:
                 row["ratio_to_forward"] = row["images_per_second"] / forward["images_per_second"]
 
@@ -440,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: embedpipe's for the device (--quick 16)")
     parser.add_argument("--workers", type=int, default=None, help="PIL decode workers (default: embedpipe's for the device)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="(default: auto, bf16 on CUDA)")
+    parser.add_argument("--check-device-loop", action="store_true",
+                        help="also run the GPU-decode row's loop with PIL decoding the bytes (a check that needs no GPU)")
     parser.add_argument("--forward-seconds", type=float, default=None, help="seconds per forward timing (default: 2; --quick 0.2)")
     args = parser.parse_args(argv)
     args.images = args.images or (32 if args.quick else 4096)

@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# timm is imported through embedpipe's shim: a torchvision built for another torch still imports.
-if ! "$PYTHON" -c "from embedpipe._compat import ensure_torchvision_importable as e; e(); import timm, h5py, click" 2>/dev/null; then
+# Found, not imported (importing torch twice would cost seconds of the budget).
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'timm', 'h5py', 'click', 'PIL')))"; then
     echo "gpu_check: installing the project (pip install -e .)" >&2
     "$PYTHON" -m pip install --quiet --disable-pip-version-check -e .
 fi

@@ -31,7 +31,8 @@ def gpu_check():
 def test_gpu_check_quick_on_cpu_records_every_row(tmp_path: Path) -> None:
     out = tmp_path / "gpu-check.json"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick", "--out", str(out)],
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick", "--check-device-loop",
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "installing the project" not in done.stderr  # this environment already has it
@@ -42,8 +43,11 @@ def test_gpu_check_quick_on_cpu_records_every_row(tmp_path: Path) -> None:
         assert forward["error"] is None and forward["images_per_second"] > 0
         assert pil["error"] is None and 0 < pil["ratio_to_forward"] == pytest.approx(pil["images_per_second"] / forward["images_per_second"])
         assert rows[model, "e2e_gpu_decode"]["skipped"] == "no CUDA"
-        compiled = rows[model, "forward_compiled"]
-        assert compiled["error"] is not None or compiled["images_per_second"] > 0
+        loop = rows[model, "e2e_device_loop_pil"]  # that row's code, decoding by PIL
+        assert loop["error"] is None and loop["images_per_second"] > 0 and loop["cosine_min_vs_pil"] > 0.999
+    compiled = rows["test_resnet", "forward_compiled"]
+    assert compiled["error"] is None and compiled["images_per_second"] > 0 and compiled["backend"] == "eager"
+    assert rows["test_vit", "forward_compiled"]["skipped"].startswith("--quick")
     assert rows["test_resnet", "torchrun"]["skipped"] == "no CUDA"
     assert rows["test_resnet", "forward"]["channels_last"] and not rows["test_vit", "forward"]["channels_last"]
     assert "e2e_pil" in done.stdout and "vs forward" in done.stdout
