@@ -102,7 +102,10 @@ def simplejpeg_pillow_scale(target: int) -> Callable[[Path], Image.Image]:
 
 
 def turbojpeg_decoder(target: int) -> Callable[[Path], Image.Image]:
-    from turbojpeg import TJPF_RGB, TurboJPEG
+    try:
+        from turbojpeg import TJPF_RGB, TurboJPEG
+    except ImportError:
+        raise ImportError("PyTurboJPEG is not installed (2.x also needs the system's libturbojpeg >= 3.0)") from None
 
     jpeg = TurboJPEG()
     factors = sorted(jpeg.scaling_factors, key=lambda f: f[0] / f[1])
