@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,8 @@ class Check(Harness):
 
     def row(self, model: str, variant: str, fn: Callable[[], dict[str, Any]], *, skip: str = "") -> dict[str, Any] | None:
         """Run one row unless ``skip`` says why not or the budget is too near; record what happened."""
+        if not skip and variant in self.args.skip:
+            skip = "--skip"
         if not skip and self.left() < self.needs[variant]:
             skip = f"time budget: {self.left():.0f} s left of --budget-s {self.args.budget_s:.0f}"
         if skip:
@@ -389,7 +392,11 @@ class Check(Harness):
         self.pending: list[tuple[str, bool, torch.Tensor, Any]] = []
         models = args.models or (QUICK_MODELS if args.quick else MODELS)
         for name in models:
-            self.backbone(name, workdir)
+            try:
+                self.backbone(name, workdir)
+            except Exception as error:  # noqa: BLE001 - the other backbones' rows still run, and the results are written
+                traceback.print_exc()
+                self.record("setup", "setup", model=name, error=f"{type(error).__name__}: {error}")
         first = models[0]
         gpus = torch.cuda.device_count() if self.device.startswith("cuda") else 0
         skip = "no CUDA" if not gpus else "one GPU" if gpus == 1 else ""
@@ -445,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: embedpipe's for the device (--quick 16)")
     parser.add_argument("--workers", type=int, default=None, help="PIL decode workers (default: embedpipe's for the device)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="(default: auto, bf16 on CUDA)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=sorted(NEEDS), help="rows not to run (recorded as skipped)")
     parser.add_argument("--check-device-loop", action="store_true",
                         help="also run the GPU-decode row's loop with PIL decoding the bytes (a check that needs no GPU)")
     parser.add_argument("--forward-seconds", type=float, default=None, help="seconds per forward timing (default: 2; --quick 0.2)")
