@@ -15,7 +15,7 @@ resolves for the device (bf16 autocast on CUDA) and channels_last for convnets:
   (:func:`resize_crop`), then normalised and embedded as embed() does; its ``cosine_min`` to the
   PIL path's embeddings says how far the GPU's decode and resampling move them.
 - ``torchrun``: 1 vs N processes of ``torchrun -m embedpipe extract`` (first backbone), when
-  ``torch.cuda.device_count() > 1``.
+  ``torch.cuda.device_count() > 1`` (``--torchrun-procs N`` on CPU runs it with gloo ranks: a check).
 - ``forward_compiled``: the forward as ``--compile`` runs it (``inference.prepare_model``: inductor;
   the eager backend in ``--quick``), its compile time recorded; a failure is recorded, not fatal.
 
@@ -355,27 +355,33 @@ class Check(Harness):
 
     # ----------------------------------------------------------------- torchrun
 
-    def torchrun(self, name: str, workdir: Path) -> dict[str, Any]:
-        gpus = torch.cuda.device_count()
-        values: dict[str, Any] = {"gpus": gpus}
-        for nproc in (1, gpus):
+    def torchrun(self, name: str, workdir: Path, procs: int) -> dict[str, Any]:
+        """``torchrun -m embedpipe extract`` with 1 and with ``procs`` processes: one GPU each, or gloo ranks on CPU."""
+        device = "cuda" if self.device.startswith("cuda") else "cpu"
+        values: dict[str, Any] = {"processes": procs}
+        for nproc in (1, procs):
             workers = max(1, min(16, self.cores // nproc))  # the cores shared by the ranks' decode workers
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                        "-m", "embedpipe", "extract", str(self.data), "--backbone", name, "--no-pretrained",
-                       "--cache-dir", str(workdir / f"torchrun-{nproc}"), "--device", "cuda", "--precision", self.args.precision,
+                       "--cache-dir", str(workdir / f"torchrun-{nproc}"), "--device", device, "--precision", self.args.precision,
                        "--batch-size", str(self.batch_size), "--workers", str(workers), "--json"]
+            command += ["--img-size", str(QUICK_SIZE)] if self.args.quick else []
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            if device == "cpu":
+                env["OMP_NUM_THREADS"] = str(max(1, self.cores // nproc))  # ranks share the cores
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=max(10.0, self.left() - 5))
             wall = time.perf_counter() - started
             if done.returncode != 0:
                 raise RuntimeError(f"torchrun with {nproc} processes exited {done.returncode}: {done.stderr.strip()[-500:]}")
             result, _ = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])  # --json: indented, rank 0 only
+            if result["computed"] != len(self.paths):
+                raise RuntimeError(f"torchrun with {nproc} processes embedded {result['computed']} of {len(self.paths)} images")
             values[f"images_per_second_{nproc}"] = result["images_per_second"]
             values[f"wall_seconds_{nproc}"] = wall
-        values["images_per_second"] = values[f"images_per_second_{gpus}"]
-        values["scaling"] = values[f"images_per_second_{gpus}"] / values["images_per_second_1"]
-        values["scaling_per_gpu"] = values["scaling"] / gpus
+        values["images_per_second"] = values[f"images_per_second_{procs}"]
+        values["scaling"] = values[f"images_per_second_{procs}"] / values["images_per_second_1"]
+        values["scaling_per_process"] = values["scaling"] / procs
         return values
 
     # ----------------------------------------------------------------- the run
@@ -398,10 +404,11 @@ class Check(Harness):
                 traceback.print_exc()
                 self.record("setup", "setup", model=name, error=f"{type(error).__name__}: {error}")
         first = models[0]
-        gpus = torch.cuda.device_count() if self.device.startswith("cuda") else 0
-        skip = "no CUDA" if not gpus else "one GPU" if gpus == 1 else ""
+        cuda = self.device.startswith("cuda")
+        procs = args.torchrun_procs or (torch.cuda.device_count() if cuda else 0)
+        skip = "" if procs > 1 else "no CUDA" if not cuda else "one GPU"
         self.common.update(model=first)
-        self.row(first, "torchrun", lambda: self.torchrun(first, workdir), skip=skip)
+        self.row(first, "torchrun", lambda: self.torchrun(first, workdir, procs), skip=skip)
         for name, channels_last, x, dtype in self.pending:
             self.common.update(model=name)
             forward = next((r for r in self.records if r.get("model") == name and r["variant"] == "forward" and not r.get("error")), None)
@@ -424,7 +431,7 @@ class Check(Harness):
                 note = ", ".join(filter(None, [
                     f"compile {r['compile_seconds']:.1f} s ({r['backend']})" if "compile_seconds" in r else "",
                     f"cosine to PIL min {r['cosine_min_vs_pil']:.4f}" if "cosine_min_vs_pil" in r else "",
-                    f"{r['gpus']} GPUs: x{r['scaling']:.2f} ({100 * r['scaling_per_gpu']:.0f}% per GPU)" if "scaling" in r else "",
+                    f"{r['processes']} processes: x{r['scaling']:.2f} ({100 * r['scaling_per_process']:.0f}% each)" if "scaling" in r else "",
                 ]))
             rows.append([r.get("model", ""), r["variant"], "" if ips is None else f"{ips:.1f}",
                          "" if ratio is None else f"{ratio:.3f}", r.get("precision", ""), note])
@@ -453,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="PIL decode workers (default: embedpipe's for the device)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="(default: auto, bf16 on CUDA)")
     parser.add_argument("--skip", nargs="+", default=[], choices=sorted(NEEDS), help="rows not to run (recorded as skipped)")
+    parser.add_argument("--torchrun-procs", type=int, default=None,
+                        help="processes of the N-process torchrun row (default: the GPUs; on CPU: gloo ranks, a check)")
     parser.add_argument("--check-device-loop", action="store_true",
                         help="also run the GPU-decode row's loop with PIL decoding the bytes (a check that needs no GPU)")
     parser.add_argument("--forward-seconds", type=float, default=None, help="seconds per forward timing (default: 2; --quick 0.2)")

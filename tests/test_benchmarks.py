@@ -78,3 +78,17 @@ def test_device_decode_loop_matches_the_pil_path(gpu_check, tmp_path: Path) -> N
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         diff = (gpu_check.resize_crop(pixels, config.preprocess).int() - transform(image).int()).abs()
         assert diff.shape == (3, 64, 64) and int(diff.max()) <= 1
+
+
+@pytest.mark.slow
+def test_gpu_check_torchrun_row_on_cpu(tmp_path: Path) -> None:
+    """The 1-vs-N torchrun row, with gloo ranks on CPU: the code a multi-GPU loan runs."""
+    out = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    command = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick", "--models", "test_resnet",
+               "--torchrun-procs", "2", "--skip", "e2e_pil", "forward_compiled", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [r for r in json.loads(out.read_text()) if r["variant"] == "torchrun"]
+    assert row["error"] is None and row["processes"] == 2
+    assert row["images_per_second_1"] > 0 and row["images_per_second_2"] > 0 and row["scaling"] > 0
