@@ -178,8 +178,9 @@ def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: Any) -> t
     """
     import torch
 
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
-            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
+    with torch.inference_mode(False):  # plain tensors, usable outside inference mode too (fine-tuning)
+        return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+                torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
 
 
 def normalize(batch: Any, config: PreprocessConfig, *, dtype: Any = None) -> Any:
@@ -190,6 +191,6 @@ def normalize(batch: Any, config: PreprocessConfig, *, dtype: Any = None) -> Any
     """
     import torch
 
-    mean, std = _mean_std(config.mean, config.std, batch.device)
+    mean, std = _mean_std(tuple(config.mean), tuple(config.std), batch.device)
     out = batch.to(torch.float32, copy=True).sub_(mean).div_(std)
     return out if dtype is None else out.to(dtype)
