@@ -27,10 +27,11 @@ from .cache.export import read_ledger, verify_export
 from .cache.index import stat_files
 from .cache.store import ShardReadError
 from .cache.layout import DIGEST_DTYPE
-from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, unchanged_rows
+from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, same_strings, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
-from .data import Dataset, PathColumn, load_dataset
+from .data import Dataset, ItemColumn, PathColumn, load_dataset
+from .data.load import needs_seeded_split, with_seeded_split
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
@@ -124,6 +125,8 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
         "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
         "split": dataset.split_config.to_dict() if dataset.split_config else None,
     }).encode())
+    if dataset.rejected:  # files left out of the rows still change what the file's ledger says
+        digest.update(canonical_json(list(dataset.rejected)).encode())
     blob, offsets = packed if packed is not None else pack_strings(list(dataset.relpaths))
     return hash_columns(digest, (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
                                  np.asarray(digests, dtype=DIGEST_DTYPE))).hexdigest()
@@ -146,6 +149,7 @@ def extract(
     split: SplitConfig | None = None,
     run: RunConfig = RunConfig(),
     progress: ProgressFactory = no_progress,
+    storage_options: dict[str, Any] | None = None,
 ) -> ExtractResult:
     """Embed every image of a dataset once, into the cache, and export it to one HDF5 file.
 
@@ -154,12 +158,13 @@ def extract(
     stopped.
 
     Args:
-        source: folder tree, CSV manifest or plain folder of images.
+        source: folder, manifest, tar shards, saved HF dataset or URL (:func:`~embedpipe.data.load_dataset`).
         backbone: a timm model name, or a :class:`BackboneSpec` for weights/outputs/precision.
         cache_dir: the cache folder; created when missing.
         split: how to split labelled data that comes without a split.
         run: device, batch size, workers, error policy.
         progress: progress bar factory (see :data:`embedpipe._progress.ProgressFactory`).
+        storage_options: fsspec options for URL sources (``{"endpoint_url": ...}``); in no cache key.
 
     Returns:
         An :class:`ExtractResult`; ``result.path`` is the exported file, with
@@ -170,18 +175,26 @@ def extract(
     cache_dir = Path(cache_dir)
     if run.on_error not in ("skip", "fail"):
         raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
-    dataset = load_dataset(source, split=split)
+    dataset = load_dataset(source, split=split, storage_options=storage_options, seed_split=False)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
     config = resolve(spec, device, cache_dir=ensure_folder(cache_dir))
     listings = Listings(cache_dir)
-    listing_key = Listings.key(str(dataset.root), dataset.split_config.to_dict() if dataset.split_config else None, config.key())
+    seeded = (split or SplitConfig()) if needs_seeded_split(dataset) else None
+    listing_key = Listings.key(str(dataset.root), seeded.to_dict() if seeded else None, config.key())
     packed = pack_strings(list(dataset.relpaths))
     paths = dataset.paths
     taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
     stats = stat_files(paths)
     snapshot = listings.read(listing_key)
-    if snapshot is not None and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
+    # The seeded split is a function of the rows, their labels and the split settings (in the listing
+    # key): when those are the snapshot's, so is the split, and no path is hashed for it again.
+    same_rows = snapshot is not None and same_strings(snapshot, packed) and np.array_equal(snapshot.labels, dataset.labels)
+    dataset = with_seeded_split(dataset, split, known=snapshot.split_codes if same_rows and seeded else None)
+    if dataset.rejected:
+        logger.warning("%d file(s) left out: %s: %s", len(dataset.rejected), *dataset.rejected[0])
+    # A snapshot holds the rows, not the files left out of them, so a dataset with such files takes the slow path.
+    if snapshot is not None and not dataset.rejected and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
         # Every file is as it was when this export was made: answered from one stat per file.
         _raise_on_failures(run, snapshot.errors)
         return _result(cache_dir / snapshot.export, dataset, config, device, started, cache_hit=True, failed=snapshot.errors,
@@ -220,13 +233,14 @@ def extract(
 def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, started: float, *, cache_hit: bool,
             failed: list[tuple[str, str]], dims: dict[str, int], computed: int = 0,
             images_per_second: float | None = None) -> ExtractResult:
-    return ExtractResult(path=path, cache_hit=cache_hit, num_images=len(dataset) - len(failed), computed=computed,
-                         reused=len(dataset) - len(failed) - computed, failed=failed, dims=dims, backbone=config.backbone,
+    embedded = len(dataset) - (len(failed) - len(dataset.rejected))  # the ledger also lists the files left out
+    return ExtractResult(path=path, cache_hit=cache_hit, num_images=embedded, computed=computed, reused=embedded - computed,
+                         failed=failed, dims=dims, backbone=config.backbone,
                          cache_key=config.key(), device=device, seconds=time.perf_counter() - started,
                          images_per_second=images_per_second)
 
 
-def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: Snapshot | None,
+def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray, snapshot: Snapshot | None,
              packed: tuple[np.ndarray, np.ndarray], ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
     """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
     digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
@@ -238,8 +252,7 @@ def _digests(index: FileIndex, paths: PathColumn, stats: np.ndarray, snapshot: S
         todo = np.flatnonzero(~kept)
     mine = ranks.share(todo)
     with progress("hashing", len(todo)) as advance:
-        hashed = index.digests(PathColumn(paths.base, [paths.relpaths[i] for i in mine.tolist()]), stats=stats[mine],
-                               progress=advance)
+        hashed = index.digests(paths.take(mine.tolist()), stats=stats[mine], progress=advance)
     digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
     return digests
 
@@ -264,7 +277,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
                 break
             if ranks.world > 1:
                 store.compact()
-            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels,
+            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels, rejected=dataset.rejected,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:
@@ -290,7 +303,7 @@ def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpe
     _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
     todo = np.flatnonzero(missing)[np.sort(first)]
     mine = ranks.share(todo)
-    paths = PathColumn(str(dataset.base), [dataset.relpaths[i] for i in mine.tolist()])
+    paths = dataset.paths.take(mine.tolist())
     own = _compute(store, digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
     return ranks.gather(own)  # also waits for every rank's last shard
 

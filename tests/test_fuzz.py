@@ -156,14 +156,119 @@ def test_a_damaged_export_is_an_error_or_the_same_rows(artifacts: dict[str, Path
         CASES["export errors"] += 1
         return
     same = same_export(loaded, original)
-    assert same["embeddings"], f"{kind} {arg}: embeddings changed silently"  # chunks carry Fletcher-32
-    if kind != "bit flips":
-        assert same["columns"], f"{kind} {arg}: rows changed silently"
-    elif not (same["columns"] and same["attrs"]):
-        # labels, paths, digests and attributes carry no checksum yet (issue 12, "what to build" 2: the write path)
-        CASES["export bit flips read back changed (no checksum yet)"] += 1
-        return
+    assert same["embeddings"], f"{kind} {arg}: embeddings changed silently"  # chunks carry Fletcher-32 and a sha256
+    assert same["columns"], f"{kind} {arg}: rows changed silently"  # every column carries a sha256, checked on open
+    if kind in ("bit flips", "truncation"):
+        assert same["attrs"], f"{kind} {arg}: attributes changed silently"  # so do the attributes
     CASES["export unchanged"] += 1
+
+
+# --------------------------------------------------------------------------- store shards and the file index
+
+shard_mutations = st.one_of(
+    st.tuples(st.just("bit flips"), st.lists(st.integers(0, 10**6), min_size=1, max_size=8)),
+    st.tuples(st.just("truncation"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("attribute deleted"), st.integers(0, 100)),
+    st.tuples(st.just("attribute type swap"), st.tuples(st.integers(0, 100), st.sampled_from(SWAPS))),
+    st.tuples(st.just("dataset reshaped"), st.tuples(st.integers(0, 100), st.sampled_from(RESHAPES))),
+    st.tuples(st.just("rows swapped"), st.integers(0, 100)),
+)
+
+
+def mutate_shard(path: Path, kind: str, arg: Any) -> None:
+    if kind in ("bit flips", "truncation", "attribute deleted", "attribute type swap"):
+        mutate_export(path, kind, arg)
+        return
+    with h5py.File(path, "r+") as f:
+        names = sorted(n for n in ["digests", "embeddings", "errors/digests", "errors/reasons"] if n in f)
+        name = names[(arg[0] if kind == "dataset reshaped" else arg) % len(names)]
+        if kind == "dataset reshaped":
+            reshape_dataset(f, name, arg[1])
+        elif len(f[name]) > 1:  # edited through h5py: HDF5's own checks still hold
+            data = f[name][()]
+            f[name][...] = np.concatenate([data[1:2], data[:1], data[2:]])
+
+
+@settings(FUZZ, max_examples=80)
+@given(mutation=shard_mutations)
+def test_a_damaged_shard_is_moved_aside_or_serves_the_same_rows(artifacts: dict[str, Path], mutation: tuple[str, Any]) -> None:
+    from embedpipe.cache import Store
+    from embedpipe.config import EmbeddingConfig
+
+    kind, arg = mutation
+    (store_folder,) = (artifacts["cache"] / "store").iterdir()
+    config = EmbeddingConfig.from_dict(json.loads((store_folder / "config.json").read_text())["config"])
+    original = read_export(artifacts["export"])
+    digests = np.array(original.digests, dtype="S64")
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        shutil.copytree(store_folder, cache / "store" / store_folder.name)
+        shards = sorted((cache / "store" / store_folder.name / "shards").glob("*.h5"))
+        mutate_shard(shards[0], kind, arg)
+        store = Store(cache, config)
+
+        def use() -> tuple[np.ndarray, np.ndarray]:
+            index = store.index()
+            held = index.has_rows(digests)
+            return held, store.read_rows(index, digests[held], "embeddings") if held.any() else np.empty((0, 0))
+
+        status, value = bounded(shards[0].stat().st_size if shards[0].exists() else 0, use)
+        moved = list((cache / "store" / store_folder.name / "quarantine").glob("*.h5"))
+    CASES["shard cases"] += 1
+    if status == "error":  # ShardReadError: the extract stage moves the shard aside and recomputes
+        CASES["shard errors"] += 1
+        return
+    held, rows = value
+    np.testing.assert_array_equal(rows, original.arrays["embeddings"][held].astype(rows.dtype), err_msg=f"{kind} {arg}: wrong rows served")
+    if not held.all():
+        assert moved, f"{kind} {arg}: rows lost without the shard being moved aside"
+        CASES["shard moved aside"] += 1
+    else:
+        CASES["shard unchanged"] += 1
+
+
+index_mutations = st.one_of(
+    st.tuples(st.just("bit flips"), st.lists(st.integers(0, 10**6), min_size=1, max_size=8)),
+    st.tuples(st.just("truncation"), st.floats(0.0, 0.999)),
+    st.tuples(st.just("field edited"), st.tuples(st.integers(0, 100), st.sampled_from(
+        ["size", "mtime_ns", "ctime_ns", "inode", "hashed_ns", "digest", "row_check"]), st.sampled_from([0, -1, 2**62, "x", None]))),
+    st.tuples(st.just("digests swapped"), st.integers(0, 100)),
+)
+
+
+@settings(FUZZ, max_examples=60)
+@given(mutation=index_mutations)
+def test_a_damaged_file_index_gives_the_true_digests(artifacts: dict[str, Path], mutation: tuple[str, Any]) -> None:
+    import sqlite3
+
+    from embedpipe.cache import FileIndex
+    from embedpipe.config import sha256_file
+
+    kind, arg = mutation
+    paths = sorted(str(p) for p in artifacts["data"].rglob("*") if p.is_file())
+    truth = [sha256_file(p).encode() for p in paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        index_file = Path(tmp) / "files.sqlite"
+        shutil.copyfile(artifacts["cache"] / "files.sqlite", index_file)
+        if kind in ("bit flips", "truncation"):
+            (flip_bits if kind == "bit flips" else truncate)(index_file, arg)
+        else:
+            with sqlite3.connect(index_file) as db:
+                rows = db.execute("SELECT path, digest FROM stats_v2 ORDER BY path").fetchall()
+                if kind == "field edited":
+                    db.execute(f"UPDATE stats_v2 SET {arg[1]} = ? WHERE path = ?", (arg[2], rows[arg[0] % len(rows)][0]))
+                else:
+                    (a, da), (b, db_) = rows[arg % len(rows)], rows[(arg + 1) % len(rows)]
+                    db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (db_, a))
+                    db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (da, b))
+            db.close()
+        status, value = bounded(index_file.stat().st_size, lambda: FileIndex(tmp).digests(paths))
+    CASES["index cases"] += 1
+    if status == "error":
+        CASES["index errors"] += 1
+        return
+    assert value.tolist() == truth, f"{kind} {arg}: a wrong digest was trusted"
+    CASES["index true digests"] += 1
 
 
 # --------------------------------------------------------------------------- heads

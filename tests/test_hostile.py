@@ -15,9 +15,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import embedpipe
+from embedpipe.cache.layout import column_checksums
 from embedpipe import RunConfig
 from embedpipe.cache import cache_list, cache_verify, read_export
 from embedpipe.cli import cli
@@ -109,6 +111,9 @@ def test_an_export_of_the_wrong_width_for_the_head_is_refused(artifacts: dict[st
     def narrower(f: h5py.File) -> None:
         _replace(f, "embeddings", f["embeddings"][:, :50])
         f.attrs["dims"] = json.dumps({"embedding": 50})
+        # resealed, as a valid export of a narrower backbone would be: only the width check can refuse it
+        names = ["embeddings", "labels", "paths", "digests", "split", "errors/paths", "errors/reasons"]
+        f.attrs["checksums"] = column_checksums(f, names)
 
     path = tampered_export(artifacts, tmp_path, narrower)
     with pytest.raises(HeadError, match="holds 50-wide embeddings, the head reads 96"):
@@ -312,3 +317,65 @@ def test_a_tampered_bench_results_file_is_one_line(tmp_path: Path, records: Any,
     (tmp_path / "results.json").write_text(json.dumps(records))
     code, _, stderr = invoke("report", tmp_path)
     assert code == BenchError.exit_code and message in one_line(stderr)
+
+
+# --------------------------------------------------------------------------- odd file names, symlinks, shared ledgers
+
+
+def _spec_run() -> tuple[embedpipe.BackboneSpec, RunConfig]:
+    return (embedpipe.BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32"),
+            RunConfig(device="cpu", batch_size=8, num_workers=0))
+
+
+def test_a_file_name_that_is_not_utf8_is_ledgered_and_the_run_goes_on(tree_copy: Path, tmp_path: Path) -> None:
+    import os
+
+    spec, run = _spec_run()
+    odd = Path(os.fsdecode(str(tree_copy / "circles").encode() + b"/caf\xe9.png"))
+    shutil.copyfile(sorted((tree_copy / "circles").glob("*.png"))[0], odd)
+    odd_class = Path(os.fsdecode(str(tree_copy).encode() + b"/\xff\xfe"))
+    odd_class.mkdir()
+    shutil.copyfile(odd, odd_class / "x.png")
+    result = embedpipe.extract(tree_copy, spec, cache_dir=tmp_path / "cache", run=run)
+    assert result.num_images == 24 and sorted(p for p, _ in result.failed) == ["\\xff\\xfe/x.png", "circles/caf\\xe9.png"]
+    assert all("not valid UTF-8" in reason for _, reason in result.failed)
+    X, y, meta = embedpipe.load(result.path)
+    assert len(X) == 24 and len(meta["paths"]) == 24 and meta["class_names"] == ["circles", "squares", "stripes"]
+    again = embedpipe.extract(tree_copy, spec, cache_dir=tmp_path / "cache", run=run)
+    assert again.cache_hit and again.failed == result.failed
+    os.replace(odd, tree_copy / "circles" / "cafe.png")  # renamed: now embedded, and no longer in the ledger
+    renamed = embedpipe.extract(tree_copy, spec, cache_dir=tmp_path / "cache", run=run)
+    assert renamed.num_images == 25 and renamed.computed == 0 and [p for p, _ in renamed.failed] == ["\\xff\\xfe/x.png"]
+
+
+def test_symlinks_are_followed_in_folders_and_manifests_and_loops_listed_once(image_tree: Path, tmp_path: Path) -> None:
+    spec, run = _spec_run()
+    outside = Path(shutil.copytree(image_tree / "circles", tmp_path / "elsewhere" / "circles"))
+    data = tmp_path / "data"
+    shutil.copytree(image_tree / "squares", data / "squares")
+    (data / "circles").symlink_to(outside, target_is_directory=True)  # a class folder kept elsewhere
+    (data / "squares" / "loop").symlink_to(data / "squares", target_is_directory=True)  # points back up
+    folder = embedpipe.extract(data, spec, cache_dir=tmp_path / "cache", run=run)
+    X, _, meta = embedpipe.load(folder.path)
+    assert len(X) == 16 and not any("loop" in p for p in meta["paths"])
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.split('/')[0]}\n" for p in meta["paths"]))
+    listed = embedpipe.extract(manifest, spec, cache_dir=tmp_path / "cache", run=run)
+    assert listed.computed == 0 and listed.num_images == 16  # the same files, through the same symlinks
+    manifest.write_text(f"path,label\n../elsewhere/circles/{sorted(outside.iterdir())[0].name},circles\n")
+    code, _, stderr = invoke("extract", str(manifest), "-b", "test_resnet", "--no-pretrained", "--device", "cpu",
+                             "--cache-dir", str(tmp_path / "cache"))
+    assert code == embedpipe.DataError.exit_code and "escapes the manifest's folder" in one_line(stderr)
+
+
+def test_a_ledger_reason_never_names_another_datasets_file(tmp_path: Path) -> None:
+    spec, run = _spec_run()
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        Image.new("RGB", (48, 48), (10, 200, 30)).save(folder / "fine.png")
+        (folder / f"broken-in-{folder.name}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    embedpipe.extract(first, spec, cache_dir=tmp_path / "cache", run=run)
+    result = embedpipe.extract(second, spec, cache_dir=tmp_path / "cache", run=run)
+    (path, reason), = result.failed
+    assert path == "broken-in-second.png" and "first" not in reason and str(tmp_path) not in reason and "0x" not in reason

@@ -92,7 +92,8 @@ def test_a_weights_file_rewritten_in_place_is_a_new_key(image_tree: Path, tmp_pa
 
 
 @pytest.mark.parametrize("how", ["same size, mtime restored", "same size, mtime restored, seconds later",
-                                 "renamed over (new inode), mtime restored"])
+                                 "renamed over (new inode), mtime restored", "written, then touch -d",
+                                 "cp -p of a file with the old mtime", "tar -x of an archive with the old mtime"])
 def test_an_image_rewritten_in_place_is_recomputed(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig,
                                                     how: str) -> None:
     cache = tmp_path / "cache"
@@ -110,12 +111,24 @@ def test_an_image_rewritten_in_place_is_recomputed(tree_copy: Path, tmp_path: Pa
         staged = victim.with_name(".staged.png")
         staged.write_bytes(new)
         os.replace(staged, victim)
+    elif how.startswith(("cp", "tar")):  # tools that carry the old mtime over themselves
+        os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if how.startswith("cp"):
+            subprocess.run(["cp", "-p", str(replacement), str(victim)], check=True)
+        else:
+            archive = tmp_path / "update.tar"
+            subprocess.run(["tar", "-cf", str(archive), "-C", str(tmp_path), "--transform", f"s|replacement.png|{victim.name}|",
+                            "replacement.png"], check=True)
+            subprocess.run(["tar", "-xf", str(archive), "-C", str(victim.parent)], check=True)
     else:
         if how.endswith("later"):
             time.sleep(1.1)
         with open(victim, "r+b") as handle:
             handle.write(new)
-    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -d, cp -p, rsync -t, tar do
+    if how.startswith("written, then touch"):
+        subprocess.run(["touch", "-d", f"@{before.st_mtime_ns // 10**9}.{before.st_mtime_ns % 10**9:09d}", str(victim)], check=True)
+    else:
+        os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # as touch -d, cp -p, rsync -t, tar do
     assert victim.stat().st_size == before.st_size and victim.stat().st_mtime_ns == before.st_mtime_ns
     again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
     assert again.computed == 1 and not again.cache_hit

@@ -25,7 +25,8 @@ from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
-from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, dataset_name_for, decode_attr
+from .layout import (ATTRIBUTES, CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, attributes_digest, checksum_problems, column_digest, dataset_name_for,
+                     decode_attr)
 from .store import Store, StoreIndex
 
 
@@ -76,6 +77,7 @@ class ExportRequest:
     split: list[str] | None
     digests: np.ndarray  # S64 (N,): each image's content digest
     meta: ExportMeta
+    rejected: tuple[tuple[str, str], ...] = ()  # (path, reason) of files the dataset could not take in, ledgered last
 
 
 def export_name(dataset_name: str, backbone: str, fingerprint: str) -> str:
@@ -128,20 +130,23 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
             columns = {
                 "labels": np.asarray(request.labels)[ok].astype(np.int64),
                 "digests": digests[ok],
-                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()],
+                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()]
+                + [reason for _, reason in request.rejected],
             }
             for name, column in columns.items():
                 f.create_dataset(name, data=column, dtype=STR_DTYPE if name == "errors/reasons" else None)
             _write_text_column(f, "paths", request.paths, ok)
             if request.split is not None:
                 _write_text_column(f, "split", request.split, ok)
-            _write_text_column(f, "errors/paths", request.paths, failed)
+            ledger = [*(request.paths[i] for i in failed.tolist()), *(path for path, _ in request.rejected)]
+            _write_text_column(f, "errors/paths", ledger, np.arange(len(ledger)))
             for name in CHECKSUMMED:
                 if name in f:
-                    _column_digest(f[name], sums[name])
+                    column_digest(f[name], sums[name])
                 else:
                     del sums[name]
-            f.attrs["checksums"] = canonical_json({name: digest.hexdigest() for name, digest in sums.items()})
+            f.attrs["checksums"] = canonical_json({**{name: digest.hexdigest() for name, digest in sums.items()},
+                                                   ATTRIBUTES: attributes_digest(f)})
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -164,7 +169,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
 # Every dataset of an export besides the outputs carries a sha256 in the ``checksums`` attribute, the
 # outputs too (their chunks also carry HDF5's Fletcher-32). A flipped byte in a label, a path or a
 # digest is found when the file is opened, not only by ``cache verify``.
-CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons")
+CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons", ATTRIBUTES)
 
 
 def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
@@ -175,33 +180,18 @@ def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -
         data[start : start + len(part)] = [values[i] for i in part]
 
 
-def _column_digest(data: h5py.Dataset, digest: Any) -> Any:
-    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
-    text = h5py.check_string_dtype(data.dtype) is not None
-    for start in range(0, data.shape[0], CHUNK_ROWS):
-        block = data[start : start + CHUNK_ROWS]
-        if text:
-            digest.update(b"".join(bytes(v) + b"\0" for v in block))
-        else:
-            digest.update(np.ascontiguousarray(block).data)
-    return digest
+def _checksums(f: h5py.File) -> dict[str, str]:
+    """The ``checksums`` attribute as a dict (empty when unreadable: :func:`column_problems` reports that)."""
+    try:
+        found = json.loads(f.attrs["checksums"])
+    except (KeyError, ValueError, TypeError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
     """Datasets whose bytes differ from the ``checksums`` the file was written with (the outputs when ``outputs``)."""
-    try:
-        expected = json.loads(f.attrs["checksums"])
-    except (KeyError, ValueError, TypeError):
-        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
-    if not isinstance(expected, dict):
-        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
-    problems = []
-    for name, want in expected.items():
-        if not outputs and name not in CHECKSUMMED:
-            continue
-        if name not in f or _column_digest(f[name], hashlib.sha256()).hexdigest() != want:
-            problems.append(f"{name} does not match its checksum")
-    return problems
+    return checksum_problems(f, only=None if outputs else CHECKSUMMED)
 
 
 @dataclass
@@ -372,11 +362,18 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
             missing = [n for n in names if n not in stored]
             if missing:
                 raise CacheError(f"{path} has no {missing[0]!r} output (it has {', '.join(stored)}): pick one of those")
-            arrays = {name: f[name][:].astype(dtype) for name in names}
-            for name, array in arrays.items():
+            expected = _checksums(f)
+            arrays = {}
+            for name in names:
+                stored_rows = f[name][:]
+                array = arrays[name] = stored_rows.astype(dtype)
                 if not np.isfinite(array).all():
                     row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
                     raise CacheError(f"{path} has non-finite {name} (first at row {row}): {REBUILD}")
+                # Read whole anyway, so its sha256 costs little: rows swapped or edited through h5py
+                # (which keeps HDF5's own Fletcher-32 valid) are refused here too, not only by `cache verify`.
+                if name in expected and hashlib.sha256(np.ascontiguousarray(stored_rows).data).hexdigest() != expected[name]:
+                    raise CacheError(f"{path}: {name} does not match its checksum: {REBUILD}")
             damaged = column_problems(f, outputs=False)
             if damaged:
                 raise CacheError(f"{path}: {damaged[0]}: {REBUILD}")

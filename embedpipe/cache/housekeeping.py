@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,12 @@ import numpy as np
 from ..config import sha256_file
 from ..errors import CacheError
 from .export import UNREADABLE, check_export, first_line, read_export, verify_export
-from .layout import SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, read_attrs, visible_h5
+from .index import FileIndex
+from .layout import QUARANTINE_DIR, SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, checksum_problems, read_attrs, visible_h5
+from .listing import LISTING_DIR, Listings
 from .store import shard_rows
+
+logger = logging.getLogger(__name__)
 
 
 def list_exports(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None]]:
@@ -43,20 +48,37 @@ def list_stores(cache_dir: str | Path) -> list[tuple[Path, dict[str, Any] | None
 
 
 def verify_store(root: Path) -> list[str]:
-    """Problems found in a store's shards, reading every byte."""
-    problems = []
+    """Problems found in a store: its config.json, and each shard's rows read whole against their checksums."""
+    problems: list[str] = []
+    config: Any = None
+    try:
+        config = json.loads((root / STORE_CONFIG).read_text())
+        if not isinstance(config, dict) or not str(config.get("key", "")).startswith(root.name):
+            problems.append(f"{STORE_CONFIG} does not describe this store (key {root.name}): the next extract rewrites it")
+    except FileNotFoundError:
+        problems.append(f"{STORE_CONFIG} is missing: the next extract writes it again")
+    except (OSError, ValueError) as error:
+        problems.append(f"{STORE_CONFIG} is unreadable ({first_line(error)}): the next extract rewrites it")
     for shard in visible_h5(root / SHARD_DIR):  # a dead writer's temporary file is never read
         try:
             with h5py.File(shard, "r") as f:
                 n = f["digests"].shape[0]
-                for name, data in f.items():
-                    if isinstance(data, h5py.Dataset) and data.shape and data.shape[0] not in (n, 0):
-                        problems.append(f"{shard.name}: {name} has {data.shape[0]} rows, digests has {n}")
-                    elif isinstance(data, h5py.Dataset) and data.size:
-                        data[...]
-        except (OSError, KeyError) as error:
-            problems.append(f"{shard.name}: unreadable ({error}); delete it and rerun extract")
+                found = [f"{name} has {data.shape[0]} rows, digests has {n}" for name, data in f.items()
+                         if isinstance(data, h5py.Dataset) and data.shape and data.shape[0] not in (n, 0)]
+                if not found and _key_of(config) and f.attrs.get("cache_key") != _key_of(config):
+                    found.append("was written under another embedding config")
+                found = found or checksum_problems(f)  # reads every byte: Fletcher-32 per chunk, then sha256 per dataset
+        except (*UNREADABLE, TypeError, AttributeError) as error:
+            found = [f"unreadable ({first_line(error)})"]
+        problems += [f"{SHARD_DIR}/{shard.name}: {p}: the next extract moves it aside and recomputes its rows" for p in found]
+    if aside := visible_h5(root / QUARANTINE_DIR):
+        logger.warning("%s holds %d damaged shard(s) moved aside (their rows were recomputed): delete them when done looking",
+                       root / QUARANTINE_DIR, len(aside))
     return problems
+
+
+def _key_of(config: Any) -> str | None:
+    return config.get("key") if isinstance(config, dict) and isinstance(config.get("key"), str) else None
 
 
 def remove_tmp_files(cache_dir: str | Path) -> int:
@@ -146,8 +168,14 @@ def cache_verify(target: str | Path, *, check_files: bool = False) -> list[str]:
                 elif sha256_file(source) != digest:
                     problems.append(f"{file}: source image {source} changed since extraction; rerun extract")
     if target.is_dir():
-        for root, _, _ in list_stores(target):
+        stores = list_stores(target)
+        for root, _, _ in stores:
             problems += [f"{root}: {p}" for p in verify_store(root)]
+        index = FileIndex(target)
+        if stores and not index.path.exists():
+            problems.append(f"{index.path} is missing: the next extract hashes every image again")
+        problems += [f"{index.path}: {p}" for p in index.problems()]
+        problems += [f"{target / LISTING_DIR}/{p}" for p in Listings(target).problems()]
     return problems
 
 

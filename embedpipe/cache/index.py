@@ -7,6 +7,10 @@ ctime is not safely older than the moment it was hashed is "racily clean" (the f
 changed within the same timestamp tick) and is hashed again. Each row also carries a short hash
 binding its digest to its path and stat key, so digests swapped between rows, or edited, are not
 trusted either; an index SQLite cannot read is moved aside and rebuilt by hashing.
+
+Items that are not files (tar members, table rows, URLs: :class:`~embedpipe.data.items.ItemColumn`)
+go through the same index under their locator, with the stat key their reader gives (their
+container's) and the sha256 of the bytes it reads, so an image has one digest however it is stored.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import sha256_file
-from ..errors import CacheError
+from ..data.items import ItemColumn
+from ..errors import CacheError, DataError
 from .layout import DIGEST_DTYPE, INDEX_FILE
 
 logger = logging.getLogger(__name__)
@@ -33,6 +38,7 @@ _HASH_SLICE = 2048  # files looked up, hashed and saved to the index at a time (
 # Timestamps within this much of the hash are not trusted: FAT and some network filesystems keep
 # mtimes to 2 s, so a change within that window after hashing may leave every stat field equal.
 RACY_NS = 2_000_000_000
+_STAT_SLICE = 8192  # files stat'ed into one Python list before it becomes rows of the array (bounded memory)
 STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
 # The table's name carries its layout's version: an index written by an older embedpipe (another
 # table, other columns) is simply not read, and its files are hashed once more.
@@ -42,16 +48,26 @@ TABLE = "stats_v2"
 def stat_files(paths: Sequence[str]) -> np.ndarray:
     """The stat key of each file: int64 ``(N, 4)`` of size, mtime_ns, ctime_ns, inode.
 
+    An :class:`~embedpipe.data.items.ItemColumn` gives its items' keys (its containers' stats).
+
     Raises:
         CacheError: a file is missing or unreadable, named in the message.
+        DataError: an item's container (a shard, a table file, an object) is missing.
     """
+    if isinstance(paths, ItemColumn):
+        return paths.stat_keys()
     stats = np.empty((len(paths), 4), dtype=np.int64)
-    for row, path in enumerate(paths):
+    stat = os.stat
+    for start in range(0, len(paths), _STAT_SLICE):  # a flat list per slice, one array copy: 3x faster than a row at a time
+        flat: list[int] = []
+        extend = flat.extend
         try:
-            st = os.stat(path)
+            for path in paths[start : start + _STAT_SLICE]:
+                st = stat(path)
+                extend((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         except OSError as error:
-            raise CacheError(f"cannot read {path} ({error.strerror}): check it exists and is readable") from None
-        stats[row] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            raise CacheError(f"cannot read {error.filename} ({error.strerror}): check it exists and is readable") from None
+        stats[start : start + len(flat) // 4] = np.array(flat, dtype=np.int64).reshape(-1, 4)
     return stats
 
 
@@ -63,6 +79,14 @@ def trusted(stats: np.ndarray, hashed_ns: np.ndarray | int) -> np.ndarray:
 def _row_check(path: str, *fields: object) -> str:
     """Binds a row's digest to its path and stat key: rows whose digests were swapped or edited are hashed again."""
     return hashlib.sha256("\0".join(map(str, (path, *fields))).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _sha256_item(items: ItemColumn, i: int) -> str:
+    """Hex sha256 of an item's bytes: the digest a file holding them gets."""
+    try:
+        return hashlib.sha256(items.read(i)).hexdigest()
+    except OSError as error:  # the message names the item (a URL, a shard member)
+        raise DataError(f"cannot read {error}: check it exists and is reachable") from None
 
 
 class FileIndex:
@@ -103,7 +127,7 @@ class FileIndex:
         Raises:
             CacheError: a file vanished while scanning, or the index cannot be read or written.
         """
-        if not isinstance(paths, Sequence) or not all(isinstance(p, str) for p in paths[:1]):
+        if not isinstance(paths, (Sequence, ItemColumn)) or not all(isinstance(p, str) for p in paths[:1]):
             paths = [os.fspath(p) for p in paths]
         stats = stat_files(paths) if stats is None else stats
         for attempt in (1, 2):
@@ -144,20 +168,26 @@ class FileIndex:
         keys = stats.tolist()
         result: list[str | None] = []
         stale: list[int] = []
+        failed_checks = 0
         for i, (path, key) in enumerate(zip(paths, keys)):
             entry = known.get(path)
-            if (entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS
-                    and entry[6] == _row_check(path, *entry[:6])):
-                result.append(entry[5])
-            else:
-                result.append(None)
-                stale.append(i)
+            if entry is not None and list(entry[:4]) == key and max(key[1], key[2]) < entry[4] - RACY_NS:
+                if entry[6] == _row_check(path, *entry[:6]):
+                    result.append(entry[5])
+                    continue
+                failed_checks += 1
+            result.append(None)
+            stale.append(i)
+        if failed_checks:
+            logger.warning("%d entries of %s fail their check (edited or swapped digests): those files are hashed again",
+                           failed_checks, self.path)
         if progress and len(paths) > len(stale):
             progress(len(paths) - len(stale))
         if stale:
             logger.debug("hashing %d new, changed or racily clean files", len(stale))
         rows = []
-        for i, digest in zip(stale, pool.map(lambda i: sha256_file(paths[i]), stale)):
+        hash_one = (lambda i: _sha256_item(paths, i)) if isinstance(paths, ItemColumn) else (lambda i: sha256_file(paths[i]))
+        for i, digest in zip(stale, pool.map(hash_one, stale)):
             result[i] = digest
             row = (paths[i], *keys[i], time.time_ns(), digest)
             rows.append((*row, _row_check(*row)))
@@ -165,6 +195,28 @@ class FileIndex:
                 progress(1)
         self._save(connection, rows)
         return result  # type: ignore[return-value]
+
+    def problems(self) -> list[str]:
+        """What is wrong with the index, reading every row; empty when it is sound (or absent: it only saves hashing)."""
+        if not self.path.exists():
+            return []
+        try:
+            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                check = connection.execute("PRAGMA integrity_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(check)
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                rows = connection.execute(f"SELECT * FROM {TABLE}").fetchall() if TABLE in tables else []
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as error:
+            return [f"unreadable ({error}): the next extract moves it aside and hashes the images again"]
+        bad = [row[0] for row in rows if len(row) != 8 or row[7] != _row_check(*row[:7])]
+        if bad:
+            return [f"{len(bad)} of {len(rows)} rows fail their check (edited or swapped digests, e.g. {bad[0]}): "
+                    "the next extract hashes those files again"]
+        return []
 
     def _save(self, connection: sqlite3.Connection, rows: list[tuple[object, ...]]) -> None:
         if not rows:

@@ -7,6 +7,7 @@ The layout they make up is drawn in :mod:`embedpipe.cache`'s docstring; a writer
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ STORE_DIR = "store"
 SHARD_DIR = "shards"
 QUARANTINE_DIR = "quarantine"  # store/<key>/quarantine/: damaged shards moved aside, for a look
 STORE_CONFIG = "config.json"
+CHECKED_FILE = "checked.json"  # store/<key>/checked.json: shards whose checksums held, by stat
 TMP_PREFIX = ".tmp-"
 DIGEST_DTYPE = "S64"  # hex sha256
 CHUNK_ROWS = 4096  # chunks of >= 1024 rows read 3x faster than 256-row ones
@@ -80,3 +82,59 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
             return {k: decode_attr(v) for k, v in f.attrs.items()}
     except (OSError, KeyError, RuntimeError, ValueError, UnicodeDecodeError):  # what h5py raises on damaged bytes
         return None
+
+
+def column_digest(data: h5py.Dataset, digest: Any) -> Any:
+    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
+    text = h5py.check_string_dtype(data.dtype) is not None
+    for start in range(0, data.shape[0], CHUNK_ROWS):
+        block = data[start : start + CHUNK_ROWS]
+        if text:
+            digest.update(b"".join(bytes(v) + b"\0" for v in block))
+        else:
+            digest.update(np.ascontiguousarray(block).data)
+    return digest
+
+
+ATTRIBUTES = "@attributes"  # the checksums entry for the file's attributes (every one but ``checksums``)
+
+
+def attributes_digest(f: h5py.File) -> str:
+    """Hex sha256 of a file's attributes as read back (decoded, canonical JSON), ``checksums`` left out."""
+    from ..config import canonical_json
+
+    attrs = {name: decode_attr(value) for name, value in f.attrs.items() if name != "checksums"}
+    return hashlib.sha256(canonical_json({k: _plain(v) for k, v in attrs.items()}).encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def column_checksums(f: h5py.File, names: list[str]) -> str:
+    """The ``checksums`` attribute for these datasets of ``f`` and its attributes: canonical JSON of name -> hex sha256."""
+    from ..config import canonical_json
+
+    sums = {name: column_digest(f[name], hashlib.sha256()).hexdigest() for name in names if name in f}
+    return canonical_json({**sums, ATTRIBUTES: attributes_digest(f)})
+
+
+def checksum_problems(f: h5py.File, *, only: Any = None) -> list[str]:
+    """Datasets whose bytes differ from the ``checksums`` attribute ``f`` was written with (those in ``only`` when given)."""
+    try:
+        expected = json.loads(f.attrs["checksums"])
+    except (KeyError, ValueError, TypeError):
+        expected = None
+    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
+    problems = []
+    for name, want in expected.items():
+        if only is not None and name not in only:
+            continue
+        if name == ATTRIBUTES:
+            if attributes_digest(f) != want:
+                problems.append("its attributes do not match their checksum")
+            continue
+        if name not in f or not isinstance(f[name], h5py.Dataset) or not f[name].shape or column_digest(f[name], hashlib.sha256()).hexdigest() != want:
+            problems.append(f"{name} does not match its checksum")
+    return problems

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Iterable
@@ -29,6 +30,8 @@ from .._atomic import write_atomically
 from ..config import CACHE_FORMAT, canonical_json, digest_of
 from .index import trusted
 from .layout import DIGEST_DTYPE
+
+logger = logging.getLogger(__name__)
 
 LISTING_DIR = "listings"
 SNAPSHOT_FORMAT = 1
@@ -98,9 +101,12 @@ class Listings:
         try:
             with np.load(self.path(key), allow_pickle=False) as stored:
                 arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        except FileNotFoundError:
             return None
-        if arrays["checksum"].tobytes().decode("ascii", "replace") != _checksum(arrays):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            arrays = None
+        if arrays is None or arrays["checksum"].tobytes().decode("ascii", "replace") != _checksum(arrays):
+            logger.warning("listing snapshot %s is damaged: ignored, and written again", self.path(key))
             return None
         try:
             meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
@@ -114,6 +120,20 @@ class Listings:
                             dims={str(k): int(v) for k, v in meta["dims"].items()}, errors=list(zip(errors[0::2], errors[1::2])))
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
+
+    def problems(self) -> list[str]:
+        """Snapshots that cannot be read or fail their checksum (the next extract ignores and rewrites them)."""
+        found = []
+        for path in sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []:
+            try:
+                with np.load(path, allow_pickle=False) as stored:
+                    arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
+                ok = arrays["checksum"].tobytes().decode("ascii", "replace") == _checksum(arrays)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                ok = False
+            if not ok:
+                found.append(f"{path.name}: damaged listing snapshot: the next extract ignores it and writes it again")
+        return found
 
     def write(self, key: str, *, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
               stats: np.ndarray, digests: np.ndarray, taken_ns: int, export: Path, dims: dict[str, int],
@@ -159,11 +179,15 @@ def unchanged_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.nda
     return rows
 
 
+def same_strings(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray]) -> bool:
+    """Whether today's relative paths are the snapshot's, in the same order."""
+    blob, offsets = relpaths_packed
+    return np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
+
+
 def is_hit(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
            stats: np.ndarray, export: Path) -> bool:
     """Whether today's rows and files are exactly those the snapshot's export was made from, and the export is untouched."""
-    blob, offsets = relpaths_packed
-    return (np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
-            and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
+    return (same_strings(snapshot, relpaths_packed) and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
             and np.array_equal(snapshot.stats, stats) and bool(trusted(stats, snapshot.taken_ns).all())
             and np.array_equal(snapshot.export_stat, export_stat(export)) and bool(snapshot.export_stat[0]))

@@ -26,10 +26,16 @@ import numpy as np
 from .._atomic import fsync_dir
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
-from .layout import (QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG, STR_DTYPE, TMP_PREFIX,
-                     dataset_name_for, store_root, visible_h5, write_or_fail)
+from .index import RACY_NS, stat_files
+from .layout import (CHECKED_FILE, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG,
+                     STR_DTYPE, TMP_PREFIX, checksum_problems, column_checksums, dataset_name_for, store_root, visible_h5,
+                     write_or_fail)
 
 logger = logging.getLogger(__name__)
+
+# What h5py raises on a damaged or foreign shard: bad bytes (OSError, RuntimeError), missing or retyped
+# objects (KeyError, TypeError, AttributeError: a group where a dataset should be), bad values (ValueError).
+DAMAGED = (OSError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
 
 
 class ShardReadError(CacheError):
@@ -87,25 +93,34 @@ class Store:
         self.shard_dir = self.root / SHARD_DIR
         self._config_file = self.root / STORE_CONFIG
         self.written: set[Path] = set()  # shards this process committed (compaction under torchrun)
+        self._checked: dict[str, list[int]] | None = None  # shard name -> stat key when its checksums last held
+        self._checked_changed = False
 
     def create(self) -> None:
         try:
             self.shard_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CacheError(f"cannot create {self.shard_dir} ({error.strerror}): pick a writable --cache-dir") from None
-        expected = {"format": CACHE_FORMAT, "key": self.key, "config": self.config.to_dict()}
-        if self._config_file.exists():
-            try:
-                found = json.loads(self._config_file.read_text())
-            except (OSError, ValueError):
-                found = None
-            if found != json.loads(canonical_json(expected)):
-                raise CacheError(
-                    f"{self.root} holds another configuration or format (found {str(found)[:80]}): "
-                    f"delete that folder (embedpipe cache rm {self.key[:12]}) and rerun"
-                )
-        else:
-            write_or_fail(self._config_file, canonical_json(expected).encode())
+        expected = json.loads(canonical_json({"format": CACHE_FORMAT, "key": self.key, "config": self.config.to_dict()}))
+        try:
+            found = json.loads(self._config_file.read_text())
+        except FileNotFoundError:
+            found = expected = None
+        except (OSError, ValueError) as error:
+            found = f"unreadable ({error})"
+        if found == expected and found is not None:
+            return
+        if isinstance(found, dict) and isinstance(found.get("format"), int) and found["format"] != CACHE_FORMAT:
+            raise CacheError(
+                f"{self.root} holds cache format {found['format']}, this embedpipe writes format {CACHE_FORMAT}: "
+                f"use the embedpipe that wrote it, or delete that folder (embedpipe cache rm {self.key[:12]}) and rerun"
+            )
+        if found is not None:
+            # The folder's name is the key and every shard carries its own cache_key, so a damaged or
+            # edited config.json says nothing the shards do not: it is rewritten, not trusted.
+            logger.warning("%s was damaged (%s): rewritten from the embedding config", self._config_file, str(found)[:80])
+        write_or_fail(self._config_file, canonical_json({"format": CACHE_FORMAT, "key": self.key,
+                                                         "config": self.config.to_dict()}).encode())
 
     @contextlib.contextmanager
     def lock(self, *, wait: bool = True) -> Iterator[None]:
@@ -142,20 +157,25 @@ class Store:
             try:
                 with h5py.File(shard, "r") as f:
                     digests = f["digests"][:].astype(DIGEST_DTYPE)
+                    if digests.ndim != 1:
+                        raise ValueError(f"digests has shape {digests.shape}, not one column")
                     if f.attrs.get("cache_key") != self.key:
                         raise ValueError("written under another embedding config")
                     shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
-                    for output in self.config.outputs:  # the data itself is checked when read (Fletcher-32 per chunk)
-                        if f[dataset_name_for(output)].shape[0] != len(digests):
+                    for output in self.config.outputs:
+                        shape = f[dataset_name_for(output)].shape
+                        if len(shape) != 2 or shape[0] != len(digests):
                             raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
+                    self._check(shard, f)
                 parts.append(digests)
                 for digest, reason in shard_errors:
                     errors.setdefault(digest, reason)
                 continue
-            except (OSError, KeyError, RuntimeError, ValueError) as error:
+            except DAMAGED as error:
                 self.quarantine(shard, error)
                 kept.pop()
         shards = kept
+        self.save_checked()
         every = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST_DTYPE)
         shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
         row_of = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts]) if parts else np.empty(0, dtype=np.int64)
@@ -165,6 +185,41 @@ class Store:
         digests, first = np.unique(every[order], return_index=True)
         chosen = order[first]
         return StoreIndex(digests=digests, shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
+
+    def _checked_shards(self) -> dict[str, list[int]]:
+        if self._checked is None:
+            try:
+                found = json.loads((self.root / CHECKED_FILE).read_text())
+                self._checked = {str(k): [int(x) for x in v] for k, v in found.items()} if isinstance(found, dict) else {}
+            except (OSError, ValueError, TypeError, AttributeError):  # missing or damaged: shards are checked again
+                self._checked = {}
+        return self._checked
+
+    def _check(self, shard: Path, f: h5py.File) -> None:
+        """Check a shard's checksums unless they held at its current stat key; raises ValueError when they do not.
+
+        A shard is never modified once committed, so a stat key that still matches means the same bytes
+        (an edit changes ctime); HDF5's Fletcher-32 also checks each chunk of rows when it is read.
+        """
+        key = stat_files([str(shard)])[0].tolist()
+        if self._checked_shards().get(shard.name) == key:
+            return
+        problems = checksum_problems(f)
+        if problems:
+            raise ValueError(problems[0])
+        if max(key[1], key[2]) < time.time_ns() - RACY_NS:  # not racily clean: a change in the same tick stays visible
+            self._checked_shards()[shard.name] = key
+            self._checked_changed = True
+
+    def save_checked(self) -> None:
+        """Remember which shards were checked (best effort: a lost entry costs one more check, never a wrong row)."""
+        if self._checked is None or not self._checked_changed:
+            return
+        names = {p.name for p in self.shards()}
+        checked = {name: key for name, key in self._checked.items() if name in names}
+        with contextlib.suppress(OSError, CacheError):
+            write_or_fail(self.root / CHECKED_FILE, json.dumps(checked, sort_keys=True).encode())
+            self._checked_changed = False
 
     def quarantine(self, shard: Path, error: BaseException) -> None:
         """Move a shard that cannot be read or trusted aside, so its rows are recomputed, and say so."""
@@ -191,6 +246,9 @@ class Store:
         path = self.shard_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         write_or_fail(path, data)
         self.written.add(path)
+        # Written from bytes this process holds, so trusted without re-reading them.
+        self._checked_shards()[path.name] = stat_files([str(path)])[0].tolist()
+        self._checked_changed = True
         return path
 
     def compact(self, *, force: bool = False, own: bool = False) -> None:
@@ -203,6 +261,7 @@ class Store:
         """
         small = [p for p in self.shards() if (not own or p in self.written) and shard_rows(p) < COMPACT_ROWS // 2]
         if len(small) < (2 if force else COMPACT_SHARDS):
+            self.save_checked()
             return
         groups: list[list[Path]] = [[]]
         total = 0
@@ -226,7 +285,7 @@ class Store:
                         shard_digests = f["digests"][:].tolist()
                         shard_parts = {output: f[dataset_name_for(output)][:] for output in self.config.outputs}
                         shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
-                except (OSError, KeyError, RuntimeError, ValueError) as error:
+                except DAMAGED as error:
                     self.quarantine(shard, error)  # its rows are recomputed; the others are merged
                     continue
                 readable.append(shard)
@@ -243,6 +302,7 @@ class Store:
                 shard.unlink(missing_ok=True)
                 self.written.discard(shard)
         fsync_dir(self.shard_dir)
+        self.save_checked()
 
     def width(self, index: StoreIndex, output: str) -> int:
         """Width D of an output, from the first shard that holds rows (0 when none does)."""
@@ -281,7 +341,7 @@ class Store:
                         block = block[wanted_rows - wanted[0]]
                     else:
                         block = stored[wanted][np.searchsorted(wanted, wanted_rows)]
-            except (OSError, KeyError, RuntimeError, ValueError) as error:  # damaged bytes: Fletcher-32, headers
+            except DAMAGED as error:  # damaged bytes: Fletcher-32, headers
                 raise ShardReadError(shard, error) from None
             if not np.isfinite(block).all():
                 raise ShardReadError(shard, ValueError(f"non-finite {dataset_name_for(output)} rows"))
@@ -308,6 +368,8 @@ def _shard_bytes(
         if errors:
             f.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
             f.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
+        names = ["digests", *(dataset_name_for(o) for o in config.outputs), "errors/digests", "errors/reasons"]
+        f.attrs["checksums"] = column_checksums(f, names)  # swapped or edited rows that HDF5's own checks miss
     return buffer.getvalue()
 
 
@@ -315,7 +377,7 @@ def shard_rows(path: Path) -> int:
     try:
         with h5py.File(path, "r") as f:
             return int(f["digests"].shape[0])
-    except (OSError, KeyError):
+    except DAMAGED:
         return COMPACT_ROWS  # unreadable: leave it for verify to report
 
 

@@ -47,21 +47,27 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="skip: record an undecodable image in the ledger and go on.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for URL sources, repeatable (e.g. endpoint_url=http://localhost:9000 for S3).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the file path; no progress bars.")
 @click.pass_context
 @handle_errors
 def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet: bool, val_fraction: float,
-            test_fraction: float, split_seed: int, **kw: Any) -> None:
+            test_fraction: float, split_seed: int, storage_options: tuple[str, ...], **kw: Any) -> None:
     """Embed a dataset once with a frozen backbone into the HDF5 cache.
 
     SOURCE is a folder with one sub-folder per class (optionally under train/ val/ test/),
-    a CSV manifest (path,label[,split]) or a folder of unlabelled images.
+    a folder of unlabelled images, a CSV or Parquet manifest (path[,label][,split], paths relative
+    to it or URLs; or a Parquet image column), WebDataset .tar shards (a path, a glob or a brace
+    pattern such as 'data-{000000..000099}.tar'), a folder written by datasets' save_to_disk, or
+    one of these files as a file://, http(s):// or s3:// URL.
 
     \b
     Example:
         embedpipe extract data/flowers --backbone tf_efficientnet_lite0 --cache-dir cache/
         embedpipe extract data/flowers -b resnet50.a1_in1k --output embedding --output logits
+        embedpipe extract 's3://bucket/shards/data-{000000..000099}.tar' --storage-option endpoint_url=http://localhost:9000
         torchrun --nproc-per-node 8 -m embedpipe extract data/flowers -b resnet50.a1_in1k
     """
     from ..config import SplitConfig
@@ -79,6 +85,7 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
         split=SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed),
         run=run,
         progress=progress_factory(quiet or not main_rank),
+        storage_options=_key_values(storage_options, "--storage-option"),
     )
     if not main_rank:
         return
@@ -98,6 +105,20 @@ def extract(ctx: click.Context, source: str, on_error: str, as_json: bool, quiet
             f"{result.num_images} images x ({dims}) from {result.backbone}: {how}{skipped}; {result.seconds:.1f} s",
             err=True,
         )
+
+
+def _key_values(pairs: tuple[str, ...], option: str) -> dict[str, Any] | None:
+    """``KEY=VALUE`` options as a dict; values that read as JSON (numbers, true/false) become those."""
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE: e.g. {option} endpoint_url=http://localhost:9000")
+        try:
+            found[key] = json.loads(value)
+        except ValueError:
+            found[key] = value
+    return found or None
 
 
 _HEAD_OPTIONS = {  # CLI option -> head parameter; only options the user sets are passed

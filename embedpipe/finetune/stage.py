@@ -19,7 +19,7 @@ from .._progress import ProgressFactory, no_progress
 from ..cache import FileIndex
 from ..config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from ..data import Dataset, load_dataset
-from ..errors import FineTuneError, HeadError
+from ..errors import DataError, FineTuneError, HeadError
 from ..extraction import as_spec, dataset_fingerprint, ensure_folder, resolve
 from ..heads import HeadInfo, few_shot_indices, load_head, save_head
 from ..machine import CUDA_PEAK, RSS_PEAK, resolve_device, versions
@@ -136,6 +136,9 @@ def fine_tune(
 
 def _splits(dataset: Dataset, config: FineTuneConfig, source: str | Path) -> Splits:
     """The dataset's train (few-shot when ``config.shots``), val and test images; train and val must not be empty."""
+    if dataset.reader is not None:
+        raise DataError(f"{source} is a {dataset.layout} source: fine-tuning reads image files; pass a folder or a "
+                        "manifest of local files (embedpipe extract reads every input kind)")
     if not dataset.labelled:
         raise FineTuneError(f"{source} holds unlabelled images: fine-tune needs class folders or a manifest with labels")
     parts = {name: Split(tuple(str(r.path) for r in dataset.records if r.split == name),

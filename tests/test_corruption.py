@@ -1,0 +1,191 @@
+"""The corruption census: every kind of damage to a cache folder is found by ``cache verify`` and healed
+by the next ``extract`` that uses the damaged part, whose export then equals a clean run's byte for byte.
+
+Each case damages one part of a clean cache (an export, a shard, the file index, a store's config, a
+listing snapshot) the way bit rot, a truncated copy or a foreign edit through h5py/sqlite would.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import embedpipe
+from embedpipe import BackboneSpec, RunConfig
+
+from .conftest import make_tree
+from .test_incremental import _settle
+
+Damage = Callable[[Path, Path], None]  # (cache folder, export) -> None
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+
+
+def _offset(path: Path, name: str) -> int:
+    with h5py.File(path, "r") as f:
+        data = f[name]
+        return data.id.get_offset() if data.chunks is None else data.id.get_chunk_info(0).byte_offset + 8
+
+
+def _flip_dataset(name: str, *, shard: bool = False) -> Damage:
+    def damage(cache: Path, export: Path) -> None:
+        target = _shard(cache) if shard else export
+        _flip(target, _offset(target, name))
+    return damage
+
+
+def _rewrite(name: str, change: Callable[[np.ndarray], np.ndarray], *, shard: bool = False) -> Damage:
+    """An edit through h5py: HDF5's own checks (Fletcher-32) hold afterwards, only embedpipe's checksums can tell."""
+    def damage(cache: Path, export: Path) -> None:
+        with h5py.File(_shard(cache) if shard else export, "r+") as f:
+            f[name][...] = change(f[name][...])
+    return damage
+
+
+def _swap_rows(rows: np.ndarray) -> np.ndarray:
+    rows = rows.copy()
+    rows[[0, 1]] = rows[[1, 0]]
+    return rows
+
+
+def _edit_digest(digests: np.ndarray) -> np.ndarray:
+    digests = digests.copy()
+    digests[0] = b"0" * 64
+    return digests
+
+
+def _truncate(*, shard: bool = False) -> Damage:
+    def damage(cache: Path, export: Path) -> None:
+        target = _shard(cache) if shard else export
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    return damage
+
+
+def _garbage(part: Callable[[Path], Path]) -> Damage:
+    def damage(cache: Path, export: Path) -> None:
+        part(cache).write_bytes(b"\x00garbage\xff" * 200)
+    return damage
+
+
+def _delete(part: Callable[[Path], Path]) -> Damage:
+    return lambda cache, export: part(cache).unlink()
+
+
+def _drop_attr(name: str, *, shard: bool = False) -> Damage:
+    def damage(cache: Path, export: Path) -> None:
+        with h5py.File(_shard(cache) if shard else export, "r+") as f:
+            del f.attrs[name]
+    return damage
+
+
+def _swap_index_digests(cache: Path, export: Path) -> None:
+    with sqlite3.connect(cache / "files.sqlite") as db:
+        (a, da), (b, db_) = db.execute("SELECT path, digest FROM stats_v2 ORDER BY path LIMIT 2").fetchall()
+        db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (db_, a))
+        db.execute("UPDATE stats_v2 SET digest = ? WHERE path = ?", (da, b))
+    db.close()
+
+
+def _shard(cache: Path) -> Path:
+    return sorted((cache / "store").glob("*/shards/*.h5"))[0]
+
+
+def _index(cache: Path) -> Path:
+    return cache / "files.sqlite"
+
+
+def _store_config(cache: Path) -> Path:
+    return next((cache / "store").glob("*/config.json"))
+
+
+def _snapshot(cache: Path) -> Path:
+    return next((cache / "listings").glob("*.npz"))
+
+
+# kind -> (damage, what the next extract must be made to use: "export", "store" (export deleted) or "index"
+# (listing snapshots deleted, so files are looked up), what it logs when it replaces the part (None: nothing to say)).
+KINDS: dict[str, tuple[Damage, str, str | None]] = {
+    "export embeddings: a flipped bit": (_flip_dataset("embeddings"), "export", "replacing"),
+    "export labels: a flipped bit": (_flip_dataset("labels"), "export", "replacing"),
+    "export paths: a flipped bit": (_flip_dataset("paths"), "export", "replacing"),
+    "export digests: a flipped bit": (_flip_dataset("digests"), "export", "replacing"),
+    "export split: a flipped bit": (_flip_dataset("split"), "export", "replacing"),
+    "export rows swapped through h5py": (_rewrite("embeddings", _swap_rows), "export", "replacing"),
+    "export truncated": (_truncate(), "export", None),
+    "export checksums attribute deleted": (_drop_attr("checksums"), "export", "replacing"),
+    "shard embeddings: a flipped bit": (_flip_dataset("embeddings", shard=True), "store", "moved to"),
+    "shard rows swapped through h5py": (_rewrite("embeddings", _swap_rows, shard=True), "store", "moved to"),
+    "shard digest edited through h5py": (_rewrite("digests", _edit_digest, shard=True), "store", "moved to"),
+    "shard truncated": (_truncate(shard=True), "store", "moved to"),
+    "shard replaced by garbage": (_garbage(_shard), "store", "moved to"),
+    "shard checksums attribute deleted": (_drop_attr("checksums", shard=True), "store", "moved to"),
+    "file index replaced by garbage": (_garbage(_index), "index", "moved to"),
+    "file index digests swapped between rows": (_swap_index_digests, "index", "fail their check"),
+    "file index deleted": (_delete(_index), "index", None),
+    "store config.json replaced by garbage": (_garbage(_store_config), "store", "rewritten"),
+    "store config.json deleted": (_delete(_store_config), "store", None),
+    "listing snapshot replaced by garbage": (_garbage(_snapshot), "export", "damaged"),
+}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
+    """A settled image tree and a cache extracted from it: (tree, cache, the export's bytes)."""
+    root = tmp_path_factory.mktemp("census")
+    tree = make_tree(root / "shapes", per_class=6)
+    _settle(tree)
+    spec, run = _spec_run()
+    cache = root / "cache"
+    result = embedpipe.extract(tree, spec, cache_dir=cache, run=run)
+    assert embedpipe.cache_verify(cache) == []
+    return tree, cache, result.path.read_bytes()
+
+
+def _spec_run() -> tuple[BackboneSpec, RunConfig]:
+    spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32")
+    return spec, RunConfig(device="cpu", batch_size=4, num_workers=0)  # several shards, so one can be damaged
+
+
+def test_the_census_names_twenty_kinds() -> None:
+    assert len(KINDS) == 20  # the issue's 18, and the two this project's own files add (checksum attributes)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_verify_finds_it_and_extract_heals_it(kind: str, clean: tuple[Path, Path, bytes], tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    tree, clean_cache, clean_bytes = clean
+    damage, use, says = KINDS[kind]
+    cache = Path(shutil.copytree(clean_cache, tmp_path / "cache"))
+    (export,) = [p for p in cache.glob("*.h5")]
+    damage(cache, export)
+
+    problems = embedpipe.cache_verify(cache)
+    assert problems, f"cache verify missed: {kind}"
+    assert all("\n" not in p for p in problems)
+
+    if kind.startswith("export"):  # refused when opened for use too, before any head sees a row
+        with pytest.raises(embedpipe.CacheError):
+            embedpipe.load(export)
+    if use == "store":
+        export.unlink()
+    if use in ("store", "index"):
+        shutil.rmtree(cache / "listings")
+    spec, run = _spec_run()
+    with caplog.at_level("WARNING"):
+        again = embedpipe.extract(tree, spec, cache_dir=cache, run=run)
+    assert again.path == export and export.read_bytes() == clean_bytes, f"not healed byte for byte: {kind}"
+    if says is not None:
+        assert says in caplog.text, f"extract did not say what it replaced ({kind}): {caplog.text}"
+    assert embedpipe.cache_verify(cache) == [], f"still damaged after extract: {kind}"
