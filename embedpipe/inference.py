@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -164,13 +165,30 @@ class _FittingForward:
                 logger.warning("out of memory: running the network on %d images at a time", self.limit)
 
 
-def prepare_model(model: torch.nn.Module, device: str, run: RunConfig) -> torch.nn.Module:
-    """Move to the device, set channels_last and compile, as the run asks."""
+# The methods forward_outputs calls. torch.compile(model) compiles forward() only, and an
+# OptimizedModule hands every other attribute to the eager module: --compile compiled nothing.
+_COMPILED_METHODS = ("forward_features", "forward_head", "forward_intermediates")
+
+
+def prepare_model(model: torch.nn.Module, device: str, run: RunConfig, *,
+                  compile_backend: str | Callable[..., Any] = "inductor") -> torch.nn.Module:
+    """Move to the device, set channels_last and compile, as the run asks.
+
+    Args:
+        compile_backend: torch.compile's backend when ``run.compile`` ("eager" traces without
+            generating code: tests and quick checks), or a backend callable.
+
+    Returns:
+        The same module; with ``run.compile`` its ``forward_features``, ``forward_head`` and
+        ``forward_intermediates`` are compiled (each on its first call), so :func:`embed` runs them.
+    """
     model = model.to(device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if run.compile:
-        model = torch.compile(model)
+        for name in _COMPILED_METHODS:
+            if hasattr(model, name):
+                setattr(model, name, torch.compile(getattr(model, name), backend=compile_backend))
     return model
 
 

@@ -334,3 +334,25 @@ def test_out_of_memory_halves_the_forward_instead_of_failing(
     monkeypatch.setattr(inference, "forward_outputs", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
     with pytest.raises(BackboneError, match="out of memory for a single image"):
         embedpipe.extract(image_tree, spec, cache_dir=tmp_path / "c", run=run)
+
+
+def test_compile_compiles_what_embed_calls(image_tree: Path, spec: BackboneSpec) -> None:
+    """torch.compile(model) compiles forward() only; embed() calls forward_features and forward_head."""
+    import torch._dynamo
+
+    from embedpipe.inference import embed, prepare_model
+
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    paths = sorted(image_tree.rglob("*.jpg"))[:4]
+    config = resolve(spec, "cpu")
+    run = RunConfig(device="cpu", batch_size=4, num_workers=0, compile=True)
+    model = prepare_model(load_backbone(spec.name, pretrained=False), "cpu", run, compile_backend=counting)
+    (batch,) = list(embed(model, paths, config, device="cpu", run=run))
+    assert len(graphs) >= 2  # forward_features and forward_head were traced
+    np.testing.assert_allclose(batch.outputs["embedding"], reference_embeddings(paths, spec), rtol=1e-4, atol=1e-5)

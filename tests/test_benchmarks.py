@@ -1,0 +1,94 @@
+"""benchmarks/gpu_check: the CPU run CI does so the one-shot GPU measurement cannot rot, and its GPU-decode loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedpipe import BackboneSpec, RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+
+        yield gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_on_cpu_records_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick", "--check-device-loop",
+                           "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "installing the project" not in done.stderr  # this environment already has it
+    records = json.loads(out.read_text())
+    rows = {(r.get("model"), r["variant"]): r for r in records if r["measurement"] != "diagnostic"}
+    for model in ("test_resnet", "test_efficientnet", "test_vit"):
+        forward, pil = rows[model, "forward"], rows[model, "e2e_pil"]
+        assert forward["error"] is None and forward["images_per_second"] > 0
+        assert pil["error"] is None and 0 < pil["ratio_to_forward"] == pytest.approx(pil["images_per_second"] / forward["images_per_second"])
+        assert rows[model, "e2e_gpu_decode"]["skipped"] == "no CUDA"
+        loop = rows[model, "e2e_device_loop_pil"]  # that row's code, decoding by PIL
+        assert loop["error"] is None and loop["images_per_second"] > 0 and loop["cosine_min_vs_pil"] > 0.999
+    compiled = rows["test_resnet", "forward_compiled"]
+    assert compiled["error"] is None and compiled["images_per_second"] > 0 and compiled["backend"] == "eager"
+    assert rows["test_vit", "forward_compiled"]["skipped"].startswith("--quick")
+    assert rows["test_resnet", "torchrun"]["skipped"] == "no CUDA"
+    assert rows["test_resnet", "forward"]["channels_last"] and not rows["test_vit", "forward"]["channels_last"]
+    assert "e2e_pil" in done.stdout and "vs forward" in done.stdout
+
+
+def test_device_decode_loop_matches_the_pil_path(gpu_check, tmp_path: Path) -> None:
+    """The GPU-decode row's loop, run on CPU with PIL decoding the bytes: only the resize and crop differ."""
+    import torch
+
+    from embedpipe import extraction, inference
+    from embedpipe.backbone import load_backbone
+    from embedpipe.preprocess import decode_image, eval_transform
+
+    paths = gpu_check.make_jpegs(tmp_path, 11, (150, 100), processes=1)
+    spec = BackboneSpec(name="test_resnet", pretrained=False, preprocess={"input_size": 64}, precision="fp32", dtype="float32")
+    config = extraction.resolve(spec, "cpu")
+    model = inference.prepare_model(load_backbone(spec.name, pretrained=False), "cpu", RunConfig(device="cpu"))
+    ours, _ = gpu_check.device_decode_embed(model, paths, config, device="cpu", batch_size=4, workers=0, channels_last=True,
+                                            decode=gpu_check.pil_bytes_decoder("cpu"))
+    run = RunConfig(device="cpu", batch_size=4, num_workers=0)
+    reference = np.concatenate([b.outputs["embedding"] for b in inference.embed(model, paths, config, device="cpu", run=run)])
+    assert ours.shape == reference.shape
+    assert gpu_check.cosine_rows(ours.astype(np.float64), reference.astype(np.float64)).min() > 0.9999
+
+    transform = eval_transform(config.preprocess)
+    for path in paths[:3]:
+        image = decode_image(path)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        diff = (gpu_check.resize_crop(pixels, config.preprocess).int() - transform(image).int()).abs()
+        assert diff.shape == (3, 64, 64) and int(diff.max()) <= 1
+
+
+@pytest.mark.slow
+def test_gpu_check_torchrun_row_on_cpu(tmp_path: Path) -> None:
+    """The 1-vs-N torchrun row, with gloo ranks on CPU: the code a multi-GPU loan runs."""
+    out = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
+    command = ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick", "--models", "test_resnet",
+               "--torchrun-procs", "2", "--skip", "e2e_pil", "forward_compiled", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [r for r in json.loads(out.read_text()) if r["variant"] == "torchrun"]
+    assert row["error"] is None and row["processes"] == 2
+    assert row["images_per_second_1"] > 0 and row["images_per_second_2"] > 0 and row["scaling"] > 0
