@@ -172,11 +172,26 @@ EOF
 offline="tf_efficientnet_lite0 tf_efficientnet_lite1 tf_efficientnet_lite2 mobilenetv2_100"  # as the README lists them
 step bench-offline bench_checked reports/offline "$offline" --backbones offline --heads logreg --seeds 1 --img-size 64 --device cpu --batch-size 8 --workers 0 \
     --cache-dir cache -q
-# A second named list: timm's tiny test models, random weights.
-step bench-test bench_checked reports/test "test_resnet test_efficientnet test_vit test_convnext" --backbones test \
-    --no-pretrained --heads logreg,knn --seeds 1 --img-size 64 --device cpu --batch-size 8 --workers 0 --cache-dir cache -q
 step report "$ep" report reports/offline --finetune-run runs/ft
 [ -s reports/offline/report.html ] || { echo "smoke: report wrote no reports/offline/report.html" >&2; exit 1; }
+# Beyond a classifier: neighbours, the audit page and a map (numpy and scikit-learn only, no extra needed).
+step neighbors "$ep" neighbors "$h5" --k 3 --device cpu --out neighbors.csv
+step audit "$ep" audit "$h5" --out audit --device cpu --thumbnails 4
+step map "$ep" map "$h5" --out map --thumbnails 8
+for f in neighbors.csv audit/audit.html map/map.html; do
+    [ -s "$f" ] || { echo "smoke: wrote no $f" >&2; exit 1; }
+done
+# The same images as a WebDataset tar shard: content-addressed like the files, so nothing is computed again.
+extract_tar() {
+    (cd data && tar -cf ../shard-000000.tar red green blue)
+    "$ep" extract shard-000000.tar "${tiny[@]}" --json -q > tar.json
+    "$py" -c "
+import json, sys
+r = json.load(open('tar.json'))
+print(r['num_images'], 'images from the tar,', r['computed'], 'computed')
+sys.exit(0 if r['num_images'] == 30 and r['computed'] == 0 else 'the tar should reuse the 30 rows the folder made')"
+}
+step extract-tar extract_tar
 step cache-rm-file "$ep" cache rm "$h5" --cache-dir cache
 step cache-rm-all "$ep" cache rm --all --cache-dir cache
 [ ! -e cache ] || { echo "smoke: cache rm --all left cache/ behind" >&2; exit 1; }
