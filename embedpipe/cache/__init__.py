@@ -2,10 +2,13 @@
 
 Layout of a cache folder::
 
-    files.sqlite                  path -> (size, mtime, inode) -> sha256 of the file's bytes
+    files.sqlite                  path -> (size, mtime, ctime, inode) -> sha256 of the file's bytes
     store/<key>/config.json       the EmbeddingConfig whose hash is <key>
     store/<key>/shards/*.h5       committed rows: image digest -> outputs, or a decode error
+    store/<key>/checked.json      shards whose checksums held, by stat key
+    store/<key>/quarantine/       damaged shards moved aside
     store/<key>/.lock             one writer per store at a time (flock)
+    listings/*.npz, resolved/     what the cache-hit fast path reads (snapshots, resolved configs)
     <dataset>-<backbone>-<id>.h5  exported files: one dataset, in its order, for users
 
 Crash safety does not rely on HDF5 surviving an unclean close (it does not:
