@@ -27,7 +27,7 @@ from .cache.export import read_ledger, verify_export
 from .cache.index import stat_files
 from .cache.store import ShardReadError
 from .cache.layout import DIGEST_DTYPE
-from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, same_strings, unchanged_rows
+from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, ItemColumn, PathColumn, load_dataset
@@ -189,12 +189,12 @@ def extract(
     snapshot = listings.read(listing_key)
     # The seeded split is a function of the rows, their labels and the split settings (in the listing
     # key): when those are the snapshot's, so is the split, and no path is hashed for it again.
-    same_rows = snapshot is not None and same_strings(snapshot, packed) and np.array_equal(snapshot.labels, dataset.labels)
-    dataset = with_seeded_split(dataset, split, known=snapshot.split_codes if same_rows and seeded else None)
+    unchanged = snapshot is not None and same_rows(snapshot, packed, dataset.labels)
+    dataset = with_seeded_split(dataset, split, known=snapshot.split_codes if unchanged and seeded else None)
     if dataset.rejected:
         logger.warning("%d file(s) left out: %s: %s", len(dataset.rejected), *dataset.rejected[0])
     # A snapshot holds the rows, not the files left out of them, so a dataset with such files takes the slow path.
-    if snapshot is not None and not dataset.rejected and is_hit(snapshot, packed, dataset.labels, dataset.split_codes, stats, cache_dir / snapshot.export):
+    if unchanged and not dataset.rejected and is_hit(snapshot, dataset.split_codes, stats, cache_dir / snapshot.export):
         # Every file is as it was when this export was made: answered from one stat per file.
         _raise_on_failures(run, snapshot.errors)
         return _result(cache_dir / snapshot.export, dataset, config, device, started, cache_hit=True, failed=snapshot.errors,

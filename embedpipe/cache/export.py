@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -25,8 +24,8 @@ from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
-from .layout import (ATTRIBUTES, CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, attributes_digest, checksum_problems, column_digest, dataset_name_for,
-                     decode_attr)
+from .layout import (ATTRIBUTES, CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, attributes_digest, checksum_problems, column_digest,
+                     dataset_name_for, decode_attr, read_checksums)
 from .store import Store, StoreIndex
 
 
@@ -178,15 +177,6 @@ def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS].tolist()
         data[start : start + len(part)] = [values[i] for i in part]
-
-
-def _checksums(f: h5py.File) -> dict[str, str]:
-    """The ``checksums`` attribute as a dict (empty when unreadable: :func:`column_problems` reports that)."""
-    try:
-        found = json.loads(f.attrs["checksums"])
-    except (KeyError, ValueError, TypeError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
@@ -362,7 +352,7 @@ def read_export(path: str | Path, *, outputs: Iterable[str] | None = None, dtype
             missing = [n for n in names if n not in stored]
             if missing:
                 raise CacheError(f"{path} has no {missing[0]!r} output (it has {', '.join(stored)}): pick one of those")
-            expected = _checksums(f)
+            expected = read_checksums(f) or {}  # none at all is reported by column_problems below
             arrays = {}
             for name in names:
                 stored_rows = f[name][:]

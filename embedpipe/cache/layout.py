@@ -120,13 +120,21 @@ def column_checksums(f: h5py.File, names: list[str]) -> str:
     return canonical_json({**sums, ATTRIBUTES: attributes_digest(f)})
 
 
+def read_checksums(f: h5py.File) -> dict[str, str] | None:
+    """The ``checksums`` attribute (name -> hex sha256); None when it is missing or damaged."""
+    try:
+        found = json.loads(f.attrs["checksums"])
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
+        return None
+    return found
+
+
 def checksum_problems(f: h5py.File, *, only: Any = None) -> list[str]:
     """Datasets whose bytes differ from the ``checksums`` attribute ``f`` was written with (those in ``only`` when given)."""
-    try:
-        expected = json.loads(f.attrs["checksums"])
-    except (KeyError, ValueError, TypeError):
-        expected = None
-    if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+    expected = read_checksums(f)
+    if expected is None:
         return ["has no readable checksums (written by an older embedpipe, or damaged)"]
     problems = []
     for name, want in expected.items():

@@ -98,14 +98,10 @@ class Listings:
 
     def read(self, key: str) -> Snapshot | None:
         """The snapshot under ``key``; None when there is none, or it is damaged or of another format."""
-        try:
-            with np.load(self.path(key), allow_pickle=False) as stored:
-                arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
-        except FileNotFoundError:
+        if not self.path(key).exists():
             return None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-            arrays = None
-        if arrays is None or arrays["checksum"].tobytes().decode("ascii", "replace") != _checksum(arrays):
+        arrays = _load(self.path(key))
+        if arrays is None:
             logger.warning("listing snapshot %s is damaged: ignored, and written again", self.path(key))
             return None
         try:
@@ -125,13 +121,7 @@ class Listings:
         """Snapshots that cannot be read or fail their checksum (the next extract ignores and rewrites them)."""
         found = []
         for path in sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []:
-            try:
-                with np.load(path, allow_pickle=False) as stored:
-                    arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
-                ok = arrays["checksum"].tobytes().decode("ascii", "replace") == _checksum(arrays)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
-                ok = False
-            if not ok:
+            if _load(path) is None:
                 found.append(f"{path.name}: damaged listing snapshot: the next extract ignores it and writes it again")
         return found
 
@@ -152,6 +142,16 @@ class Listings:
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
             write_atomically(self.path(key), lambda handle: np.savez(handle, **arrays))  # streamed: no copy in memory
+
+
+def _load(path: Path) -> dict[str, np.ndarray] | None:
+    """A snapshot file's arrays; None when it cannot be read or fails its checksum."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in (*_ARRAYS, "checksum")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        return None
+    return arrays if arrays["checksum"].tobytes().decode("ascii", "replace") == _checksum(arrays) else None
 
 
 def export_stat(path: Path) -> np.ndarray:
@@ -179,15 +179,16 @@ def unchanged_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.nda
     return rows
 
 
-def same_strings(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray]) -> bool:
-    """Whether today's relative paths are the snapshot's, in the same order."""
+def same_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray) -> bool:
+    """Whether today's relative paths and labels are the snapshot's, in the same order."""
     blob, offsets = relpaths_packed
-    return np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
+    return (np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
+            and np.array_equal(snapshot.labels, labels))
 
 
-def is_hit(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
-           stats: np.ndarray, export: Path) -> bool:
-    """Whether today's rows and files are exactly those the snapshot's export was made from, and the export is untouched."""
-    return (same_strings(snapshot, relpaths_packed) and np.array_equal(snapshot.labels, labels) and np.array_equal(snapshot.split_codes, split_codes)
+def is_hit(snapshot: Snapshot, split_codes: np.ndarray, stats: np.ndarray, export: Path) -> bool:
+    """For rows that are the snapshot's (:func:`same_rows`): whether their splits and files are those the
+    snapshot's export was made from, and the export is untouched."""
+    return (np.array_equal(snapshot.split_codes, split_codes)
             and np.array_equal(snapshot.stats, stats) and bool(trusted(stats, snapshot.taken_ns).all())
             and np.array_equal(snapshot.export_stat, export_stat(export)) and bool(snapshot.export_stat[0]))

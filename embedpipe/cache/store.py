@@ -156,16 +156,11 @@ class Store:
             kept.append(shard)
             try:
                 with h5py.File(shard, "r") as f:
+                    _row_layout(f, self.config)
                     digests = f["digests"][:].astype(DIGEST_DTYPE)
-                    if digests.ndim != 1:
-                        raise ValueError(f"digests has shape {digests.shape}, not one column")
                     if f.attrs.get("cache_key") != self.key:
                         raise ValueError("written under another embedding config")
                     shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
-                    for output in self.config.outputs:
-                        shape = f[dataset_name_for(output)].shape
-                        if len(shape) != 2 or shape[0] != len(digests):
-                            raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
                     self._check(shard, f)
                 parts.append(digests)
                 for digest, reason in shard_errors:
@@ -298,13 +293,9 @@ class Store:
             try:
                 with h5py.File(shard, "r") as f:
                     self._check(shard, f)
-                    n = int(f["digests"].shape[0])
-                    for output in self.config.outputs:
-                        shape = f[dataset_name_for(output)].shape
-                        if len(shape) != 2 or shape[0] != n:
-                            raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
-                        if n:
-                            widths.setdefault(output, int(shape[1]))
+                    n, shard_widths = _row_layout(f, self.config)
+                    for output, width in shard_widths.items():
+                        widths.setdefault(output, width)
             except DAMAGED as error:
                 self.quarantine(shard, error)  # its rows are recomputed; the others are merged
                 continue
@@ -316,9 +307,7 @@ class Store:
         tmp = temporary_name(path)
         try:
             with h5py.File(tmp, "w") as out:
-                out.attrs["kind"] = SHARD_KIND
-                out.attrs["format_version"] = CACHE_FORMAT
-                out.attrs["cache_key"] = self.key
+                _stamp(out, self.config)
                 digests = out.create_dataset("digests", shape=(total,), dtype=DIGEST_DTYPE)
                 data = {output: out.create_dataset(dataset_name_for(output), shape=(total, widths.get(output, 0)) if total else (0, 0),
                                                    dtype=self.config.dtype, fletcher32=bool(total and widths.get(output)),
@@ -335,11 +324,7 @@ class Store:
                         if "errors" in f:
                             errors += zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])
                     at += n
-                if errors:
-                    out.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
-                    out.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
-                names = ["digests", *(dataset_name_for(o) for o in self.config.outputs), "errors/digests", "errors/reasons"]
-                out.attrs["checksums"] = column_checksums(out, names)
+                _seal(out, self.config, errors)
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -414,19 +399,48 @@ def _shard_bytes(
 ) -> bytes:
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
-        f.attrs["kind"] = SHARD_KIND
-        f.attrs["format_version"] = CACHE_FORMAT
-        f.attrs["cache_key"] = config.key()
+        _stamp(f, config)
         f.create_dataset("digests", data=np.array(digests, dtype=DIGEST_DTYPE))
         for output in config.outputs:
             array = outputs.get(output, np.empty((0, 0), dtype=np.float32)).astype(config.dtype)
             f.create_dataset(dataset_name_for(output), data=array, fletcher32=bool(array.size), chunks=bool(array.size) or None)
-        if errors:
-            f.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
-            f.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
-        names = ["digests", *(dataset_name_for(o) for o in config.outputs), "errors/digests", "errors/reasons"]
-        f.attrs["checksums"] = column_checksums(f, names)  # swapped or edited rows that HDF5's own checks miss
+        _seal(f, config, errors)
     return buffer.getvalue()
+
+
+def _stamp(f: h5py.File, config: EmbeddingConfig) -> None:
+    """A new shard's attributes: what it is, its format and the config its rows were computed under."""
+    f.attrs["kind"] = SHARD_KIND
+    f.attrs["format_version"] = CACHE_FORMAT
+    f.attrs["cache_key"] = config.key()
+
+
+def _seal(f: h5py.File, config: EmbeddingConfig, errors: Sequence[tuple[bytes, str]]) -> None:
+    """A new shard's error ledger, then the checksums of everything in it (rows swapped or edited that HDF5's own checks miss)."""
+    if errors:
+        f.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
+        f.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
+    names = ["digests", *(dataset_name_for(o) for o in config.outputs), "errors/digests", "errors/reasons"]
+    f.attrs["checksums"] = column_checksums(f, names)
+
+
+def _row_layout(f: h5py.File, config: EmbeddingConfig) -> tuple[int, dict[str, int]]:
+    """A shard's row count and each output's width (outputs without rows left out).
+
+    Raises:
+        ValueError: the digests are not one column, or an output does not hold one row per digest.
+    """
+    shape = f["digests"].shape
+    if len(shape) != 1:
+        raise ValueError(f"digests has shape {shape}, not one column")
+    widths = {}
+    for output in config.outputs:
+        data = f[dataset_name_for(output)].shape
+        if len(data) != 2 or data[0] != shape[0]:
+            raise ValueError(f"{dataset_name_for(output)} does not hold one row per digest")
+        if shape[0]:
+            widths[output] = int(data[1])
+    return int(shape[0]), widths
 
 
 def shard_rows(path: Path) -> int:
