@@ -247,3 +247,18 @@ def test_a_damaged_shard_is_never_merged_into_a_fresh_one(tmp_path: Path) -> Non
     assert not index.has_rows(digests[50:100]).any() and index.has_rows(digests[:50]).all()
     assert list((store.root / "quarantine").glob("*.h5"))
     np.testing.assert_array_equal(store.read_rows(index, digests[100:], "embedding"), embeddings[100:])
+
+
+def test_a_file_index_left_mid_write_by_a_killed_process_is_not_damage(clean: tuple[Path, Path, bytes], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _, clean_cache, _ = clean
+    cache = Path(shutil.copytree(clean_cache, tmp_path / "cache"))
+    writer = (f"import os, signal, sqlite3\nc = sqlite3.connect({str(cache / 'files.sqlite')!r})\n"
+              "c.execute('PRAGMA cache_size=1'); c.execute('BEGIN')\n"
+              "for i in range(20000): c.execute('INSERT INTO stats_v2 (path, digest) VALUES (?, ?)', (f'x{i}', 'y' * 64))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", writer], check=False)
+    assert (cache / "files.sqlite-journal").exists()  # a hot journal: SQLite rolls it back on the next open
+    assert embedpipe.cache_verify(cache) == []  # read-only, SQLite reported "attempt to write a readonly database"

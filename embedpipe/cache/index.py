@@ -201,7 +201,9 @@ class FileIndex:
         if not self.path.exists():
             return []
         try:
-            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            # Not read-only: after a killed writer SQLite must roll its hot journal back before reading,
+            # which is its normal recovery, not damage (read-only, it reports "readonly database").
+            connection = sqlite3.connect(self.path, timeout=120)
             try:
                 check = connection.execute("PRAGMA integrity_check").fetchone()[0]
                 if check != "ok":
