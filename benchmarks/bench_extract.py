@@ -223,9 +223,9 @@ class Bench(Harness):
         self.diag("dataset_seconds", time.perf_counter() - started, "s", mean_jpeg_bytes=float(np.mean([p.stat().st_size for p in self.paths])))
         self.todo = {sha256_hex(p).encode(): p for p in self.paths}
 
-        # Pre-decoded uint8 images, and the bare loop's pre-normalised batches.
+        # Pre-decoded uint8 images laid out as ImageFiles gives them, and the bare loop's pre-normalised batches.
         files = inference.ImageFiles(self.paths, self.config)
-        self.decoded = torch.stack([files[i][1] for i in range(min(len(files), args.forward_images))])
+        _, self.decoded, _ = inference.collate_images([files[i] for i in range(min(len(files), args.forward_images))])
         memory_format = torch.channels_last if self.run_cfg.channels_last else torch.contiguous_format
         self.bare_batches = [
             normalize(self.decoded[s : s + args.batch_size], self.config.preprocess).contiguous(memory_format=memory_format)
@@ -294,6 +294,7 @@ class Bench(Harness):
             batch_size=self.args.batch_size,
             shuffle=False,
             num_workers=workers,
+            collate_fn=inference.collate_images,
             pin_memory=False,
             prefetch_factor=4 if workers else None,
         )

@@ -93,7 +93,8 @@ def decode_pil(paths: list[Path], args: argparse.Namespace) -> float:
     preprocess = {"input_size": args.img_size} if args.img_size else {}
     config = resolve(BackboneSpec(name=args.backbone, pretrained=False, preprocess=preprocess), device)
     loader = torch.utils.data.DataLoader(inference.ImageFiles(paths, config), batch_size=64,
-                                         num_workers=inference.default_workers(device), prefetch_factor=4)
+                                         num_workers=inference.default_workers(device), prefetch_factor=4,
+                                         collate_fn=inference.collate_images)
     started = time.perf_counter()
     count = sum(len(rows) for rows, _, _ in loader)
     return count / (time.perf_counter() - started)
