@@ -12,8 +12,8 @@ room, from the function a notebook calls down to the files it writes:
 - :mod:`embedpipe.bench`: ``bench`` and ``report`` (``from embedpipe.bench import bench``: the name
   ``embedpipe.bench`` is the package)
 
-The names that need torch (heads, fine-tune, bench) are imported when first used, so
-``import embedpipe`` stays cheap.
+The names that need torch (heads, fine-tune, bench) or h5py (cache housekeeping) are imported
+when first used, so ``import embedpipe`` stays cheap and a cache hit loads neither.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 
 from .allocator import keep_freed_memory
 from ._version import __version__
-from .cache import cache_info, cache_list, cache_remove, cache_verify
 from .config import BackboneSpec, EmbeddingConfig, FineTuneConfig, PreprocessConfig, RunConfig, SplitConfig
 from .errors import (
     BackboneError,
@@ -39,8 +38,9 @@ from .errors import (
 )
 from .extraction import ExtractResult, extract, load
 
-# Public name -> the module that defines it, imported on first use (each pulls in torch).
+# Public name -> the module that defines it, imported on first use (each pulls in torch, or h5py).
 _LAZY = {
+    **dict.fromkeys(("cache_info", "cache_list", "cache_remove", "cache_verify"), "embedpipe.cache.housekeeping"),
     "FitResult": "embedpipe.heads",
     "Prediction": "embedpipe.heads",
     "evaluate": "embedpipe.heads",

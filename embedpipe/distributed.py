@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 # Ranks wait at barriers for the slowest one (uneven decode costs, rank 0's export of
@@ -49,13 +51,33 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def share(self, items: Sequence[T]) -> list[T]:
+    def share(self, items: Sequence[T], groups: Any = None) -> list[T]:
         """This rank's part of ``items``: every ``world``-th one, so costs spread evenly and no item repeats.
 
         A numpy array stays an array (a view), so a million row numbers cost no Python objects.
+
+        Args:
+            groups: a group id per item (the tar shard each member lives in): whole groups go to
+                one rank each, so a rank opens and reads only its own shards, not every shard.
         """
-        part = items[self.rank :: self.world]
-        return part if hasattr(part, "dtype") else list(part)  # type: ignore[return-value]
+        if groups is None or self.world == 1:
+            part = items[self.rank :: self.world]
+            return part if hasattr(part, "dtype") else list(part)  # type: ignore[return-value]
+        positions = self._group_positions(groups)[self.rank]
+        return items[positions] if hasattr(items, "dtype") else [items[i] for i in positions.tolist()]  # type: ignore[return-value]
+
+    def _group_positions(self, groups: Any) -> list[np.ndarray]:
+        """Each rank's positions when whole groups are shared out: each group, in the order groups first
+        appear, to the rank with the fewest items so far (the same answer on every rank)."""
+        _, first, inverse, counts = np.unique(np.asarray(groups), return_index=True, return_inverse=True, return_counts=True)
+        owner = np.empty(len(first), dtype=np.int64)
+        load = [0] * self.world
+        for group in np.argsort(first, kind="stable").tolist():
+            rank = load.index(min(load))
+            owner[group] = rank
+            load[rank] += int(counts[group])
+        of_item = owner[inverse.reshape(-1)]
+        return [np.flatnonzero(of_item == rank) for rank in range(self.world)]
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -73,11 +95,16 @@ class Ranks:
         dist.all_gather_object(values, value)
         return values
 
-    def unshare(self, parts: list[list[T]], total: int) -> list[T]:
-        """Undo :meth:`share`: the gathered per-rank parts back in the original order."""
+    def unshare(self, parts: list[list[T]], total: int, groups: Any = None) -> list[T]:
+        """Undo :meth:`share` (with the same ``groups``): the gathered per-rank parts back in the original order."""
         merged: list[T] = [None] * total  # type: ignore[list-item]
-        for rank, part in enumerate(parts):
-            merged[rank :: self.world] = part
+        if groups is None or self.world == 1:
+            for rank, part in enumerate(parts):
+                merged[rank :: self.world] = part
+            return merged
+        for positions, part in zip(self._group_positions(groups), parts):
+            for position, value in zip(positions.tolist(), part):
+                merged[position] = value
         return merged
 
 

@@ -17,25 +17,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._progress import ProgressFactory, no_progress
-from .cache import COMPACT_SHARDS, ExportMeta, ExportRequest, FileIndex, Store, export_name, read_attrs, read_export, write_export
-from .cache.export import read_ledger, verify_export
-from .cache.index import stat_files
-from .cache.store import ShardReadError
-from .cache.layout import DIGEST_DTYPE
-from .cache.listing import Listings, Snapshot, hash_columns, is_hit, pack_strings, same_rows, unchanged_rows
+# No h5py here: the cache hit is answered before it loads (about 0.2 s); exports and shards import it.
+from .cache.index import FileIndex, stat_files
+from .cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
+from .cache.listing import Listings, Snapshot, hash_columns, is_hit, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
 from .data import Dataset, ItemColumn, PathColumn, load_dataset
+from .data.strings import PackedStrings
 from .data.load import needs_seeded_split, with_seeded_split
 from .distributed import Ranks, rank_device
 from .distributed import ranks as join_ranks
 from .errors import CacheError, ImageDecodeError
 from .machine import resolve_device, resolve_precision
+
+if TYPE_CHECKING:
+    from .cache.export import ExportMeta
+    from .cache.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +116,11 @@ def resolve(backbone: str | BackboneSpec, device: str, *, cache_dir: str | Path 
     return config
 
 
-def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: EmbeddingConfig, *,
-                        packed: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: EmbeddingConfig) -> str:
     """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config.
 
     Args:
         digests: ``S64`` (N,) hex sha256 of each image, in dataset order.
-        packed: the relative paths as :func:`~embedpipe.cache.listing.pack_strings` packs them, when at hand.
     """
     digest = hashlib.sha256(canonical_json({
         "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
@@ -127,8 +128,7 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
     }).encode())
     if dataset.rejected:  # files left out of the rows still change what the file's ledger says
         digest.update(canonical_json(list(dataset.rejected)).encode())
-    blob, offsets = packed if packed is not None else pack_strings(list(dataset.relpaths))
-    return hash_columns(digest, (offsets, blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
+    return hash_columns(digest, (dataset.relpaths.offsets, dataset.relpaths.blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
                                  np.asarray(digests, dtype=DIGEST_DTYPE))).hexdigest()
 
 
@@ -182,14 +182,13 @@ def extract(
     listings = Listings(cache_dir)
     seeded = (split or SplitConfig()) if needs_seeded_split(dataset) else None
     listing_key = Listings.key(str(dataset.root), seeded.to_dict() if seeded else None, config.key())
-    packed = pack_strings(list(dataset.relpaths))
     paths = dataset.paths
     taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
     stats = stat_files(paths)
     snapshot = listings.read(listing_key)
     # The seeded split is a function of the rows, their labels and the split settings (in the listing
     # key): when those are the snapshot's, so is the split, and no path is hashed for it again.
-    unchanged = snapshot is not None and same_rows(snapshot, packed, dataset.labels)
+    unchanged = snapshot is not None and same_rows(snapshot, dataset.relpaths, dataset.labels)
     dataset = with_seeded_split(dataset, split, known=snapshot.split_codes if unchanged and seeded else None)
     if dataset.rejected:
         logger.warning("%d file(s) left out: %s: %s", len(dataset.rejected), *dataset.rejected[0])
@@ -200,12 +199,15 @@ def extract(
         return _result(cache_dir / snapshot.export, dataset, config, device, started, cache_hit=True, failed=snapshot.errors,
                        dims=snapshot.dims)
 
+    from .cache.export import ExportMeta, export_name, read_ledger, verify_export
+    from .cache.hdf5 import read_attrs
+
     with join_ranks(device) as ranks:
         device = rank_device(device, ranks)
         if not ranks.is_main:  # one progress bar and one report, from rank 0
             progress = no_progress
-        digests = _digests(FileIndex(cache_dir), paths, stats, snapshot, packed, ranks, progress)
-        fingerprint = dataset_fingerprint(dataset, digests, config, packed=packed)
+        digests = _digests(FileIndex(cache_dir), paths, stats, snapshot, dataset.relpaths, ranks, progress)
+        fingerprint = dataset_fingerprint(dataset, digests, config)
         path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
         attrs = read_attrs(path)
         computed, forward_seconds = 0, 0.0
@@ -224,7 +226,7 @@ def extract(
         _raise_on_failures(run, failed)
     dims = dict(((attrs if cache_hit else read_attrs(path)) or {}).get("dims", {}))
     if ranks.is_main:
-        listings.write(listing_key, relpaths_packed=packed, labels=dataset.labels, split_codes=dataset.split_codes, stats=stats,
+        listings.write(listing_key, relpaths=dataset.relpaths, labels=dataset.labels, split_codes=dataset.split_codes, stats=stats,
                        digests=digests, taken_ns=taken_ns, export=path, dims=dims, errors=failed)
     return _result(path, dataset, config, device, started, cache_hit=cache_hit, failed=failed, dims=dims, computed=computed,
                    images_per_second=computed / forward_seconds if computed and forward_seconds > 0 else None)
@@ -241,20 +243,29 @@ def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, 
 
 
 def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray, snapshot: Snapshot | None,
-             packed: tuple[np.ndarray, np.ndarray], ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
+             relpaths: PackedStrings, ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
     """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
     digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
     todo = np.arange(len(paths))
     if snapshot is not None:
-        source = unchanged_rows(snapshot, packed, stats)
+        source = unchanged_rows(snapshot, relpaths, stats)
         kept = source >= 0
         digests[kept] = snapshot.digests[source[kept]]
         todo = np.flatnonzero(~kept)
-    mine = ranks.share(todo)
+    if len(todo) == len(paths) and ranks.world == 1:  # every row: no copies of the whole columns
+        with progress("hashing", len(todo)) as advance:
+            return index.digests(paths, stats=stats, progress=advance)
+    groups = _groups(paths, todo, ranks)
+    mine = ranks.share(todo, groups)
     with progress("hashing", len(todo)) as advance:
-        hashed = index.digests(paths.take(mine.tolist()), stats=stats[mine], progress=advance)
-    digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo))
+        hashed = index.digests(paths.take(mine), stats=stats[mine], progress=advance)
+    digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo), groups)
     return digests
+
+
+def _groups(paths: PathColumn | ItemColumn, rows: np.ndarray, ranks: Ranks) -> np.ndarray | None:
+    """What ranks share out whole: the tar shard of each row (each rank reads its own shards); None for files."""
+    return paths.groups(rows) if ranks.world > 1 and isinstance(paths, ItemColumn) else None
 
 
 def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: ExportMeta, spec: BackboneSpec, device: str,
@@ -264,6 +275,9 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
     Returns:
         ``(images computed by all ranks, seconds of the slowest rank's forward stage)``.
     """
+    from .cache.export import ExportRequest, write_export
+    from .cache.store import ShardReadError, Store
+
     store = Store(path.parent, meta.config)
     # Under torchrun rank 0 holds the store's lock for the whole job, against other jobs;
     # its ranks write their own shards side by side.
@@ -277,7 +291,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
                 break
             if ranks.world > 1:
                 store.compact()
-            request = ExportRequest(paths=list(dataset.relpaths), labels=dataset.labels, rejected=dataset.rejected,
+            request = ExportRequest(paths=dataset.relpaths, labels=dataset.labels, rejected=dataset.rejected,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:
@@ -300,12 +314,27 @@ def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpe
     if failed_before is not None:
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
     missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
-    _, first = np.unique(digests[missing], return_index=True)  # an image stored twice is embedded once
-    todo = np.flatnonzero(missing)[np.sort(first)]
-    mine = ranks.share(todo)
-    paths = dataset.paths.take(mine.tolist())
-    own = _compute(store, digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
+    rows = np.flatnonzero(missing)
+    todo = rows[_first_of_each(digests if len(rows) == len(digests) else digests[rows])]  # an image stored twice is embedded once
+    mine = ranks.share(todo, _groups(dataset.paths, todo, ranks))
+    every = len(mine) == len(digests)  # then mine is every row in order: the columns themselves, not copies
+    paths = dataset.paths if every else dataset.paths.take(mine)
+    own = _compute(store, digests if every else digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
     return ranks.gather(own)  # also waits for every rank's last shard
+
+
+def _first_of_each(digests: np.ndarray) -> np.ndarray:
+    """Positions of the first occurrence of each distinct digest, ascending.
+
+    One stable argsort (8 bytes a row: among equal digests the first stays first) and neighbours
+    compared a slice at a time, instead of ``np.unique``'s sorted copy of the digests (64 bytes a row).
+    """
+    order = np.argsort(digests, kind="stable")
+    repeat = np.zeros(len(digests), dtype=bool)
+    for start in range(1, len(order), 65536):
+        here = order[start : start + 65536]
+        repeat[here] = digests[here] == digests[order[start - 1 : start - 1 + len(here)]]
+    return np.flatnonzero(~repeat)
 
 
 def _raise_on_failures(run: RunConfig, failed: list[tuple[str, str]]) -> None:
@@ -374,6 +403,8 @@ def load(path: str | Path, *, output: str = "embeddings", split: str | None = No
         dict with ``paths``, ``split``, ``class_names``, ``digests`` (sha256 of each image file),
         ``errors`` and the stored attributes.
     """
+    from .cache.export import read_export
+
     loaded = read_export(path, outputs=[output])
     X, y, paths, split_column = loaded.arrays[output], loaded.labels, loaded.paths, loaded.split
     digests = loaded.digests

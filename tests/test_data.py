@@ -872,3 +872,27 @@ def test_draft_to_resize_target_barely_changes_the_network_input(large_jpeg: Pat
     approx = transform(drafted).int()
 
     assert (exact - approx).abs().float().mean().item() < 2.0
+
+
+def test_packed_strings_hold_what_was_packed() -> None:
+    from embedpipe.data.strings import PackedStrings
+
+    strings = ["a/b.png", "", "café/ü.jpg", "x" * 300, "bad\udce9.png", "z.png"]  # empty, non-ASCII, a surrogate
+    packed = PackedStrings.pack(strings)
+    assert list(packed) == strings and len(packed) == 6 and packed == strings and packed == tuple(strings)
+    assert [packed[i] for i in range(-6, 6)] == strings + strings
+    assert packed[1:4] == strings[1:4] and packed[::-2] == strings[::-2]
+    rows = [5, 0, 2, 2, 1]
+    taken = packed.take(rows)
+    assert isinstance(taken, PackedStrings) and list(taken) == [strings[i] for i in rows]
+    assert list(packed.take([])) == [] and list(PackedStrings.pack([])) == []
+    assert packed != strings[:-1] and packed != PackedStrings.pack(strings[:-1] + ["y.png"])
+    with pytest.raises(IndexError):
+        packed[6]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(taken)) == taken
+    rng = np.random.default_rng(0)  # against Python's own slicing, on random strings and rows
+    words = ["".join(rng.choice(list("abcé/"), size=int(n))) for n in rng.integers(0, 12, 500)]
+    picks = rng.integers(0, 500, 2000)
+    assert PackedStrings.pack(words).take(picks).tolist() == [words[i] for i in picks.tolist()]

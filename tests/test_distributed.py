@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 import embedpipe
@@ -61,6 +62,18 @@ def test_share_and_unshare_cover_every_item_once() -> None:
     assert Ranks(rank=0, world=3).unshare(parts, len(items)) == items
 
 
+def test_ranks_share_whole_tar_shards() -> None:
+    shard_of = np.repeat([4, 1, 7, 2, 9], [30, 10, 25, 5, 30])  # 5 shards of unequal size, in dataset order
+    items = np.arange(len(shard_of)) * 10
+    parts = [Ranks(rank=r, world=2).share(items, shard_of) for r in range(2)]
+    assert sorted(np.concatenate(parts).tolist()) == items.tolist()  # every item once
+    owners = [set(shard_of[part // 10].tolist()) for part in parts]
+    assert not owners[0] & owners[1] and owners[0] | owners[1] == {1, 2, 4, 7, 9}  # no shard read by both ranks
+    assert abs(len(parts[0]) - len(parts[1])) <= 30  # balanced to within one shard
+    assert Ranks(rank=1, world=2).unshare([p.tolist() for p in parts], len(items), shard_of) == items.tolist()
+    assert Ranks(rank=0, world=1).share(items, shard_of) is not None and len(Ranks().share(items, shard_of)) == len(items)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_single_process_file(tmp_path: Path) -> None:
     data = make_tree(tmp_path / "data", per_class=7)
@@ -97,3 +110,17 @@ def test_a_killed_rank_leaves_usable_shards_and_a_rerun_completes(tmp_path: Path
     assert 0 < resumed["computed"] < 30
     assert resumed["computed"] + resumed["reused"] == 30
     _same_export(resumed["path"], single["path"])
+
+
+@pytest.mark.slow
+def test_torchrun_over_tar_shards_writes_the_single_process_file(tmp_path: Path) -> None:
+    from .test_sources import write_shards
+
+    data = make_tree(tmp_path / "data", per_class=6)
+    write_shards(data, tmp_path / "wds", shards=4)  # whole shards go to one rank each (test_ranks_share_whole_tar_shards)
+    source = tmp_path / "wds" / "shards-{000000..000003}.tar"
+    single = _single(source, tmp_path / "single")
+    result = _torchrun(source, tmp_path / "multi")
+    assert result["computed"] == 18 and result["reused"] == 0
+    _same_export(result["path"], single["path"])
+    assert embedpipe.cache_verify(tmp_path / "multi") == []

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import embedpipe
-from embedpipe.cache.layout import column_checksums
+from embedpipe.cache.hdf5 import column_checksums
 from embedpipe import RunConfig
 from embedpipe.cache import cache_list, cache_verify, read_export
 from embedpipe.cli import cli

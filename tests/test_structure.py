@@ -34,10 +34,11 @@ def test_no_import_circles_and_no_imports_of_the_package_from_inside() -> None:
 
 
 def test_import_embedpipe_loads_neither_torch_nor_timm() -> None:
-    code = "import sys, embedpipe; print(sorted(m for m in ('torch', 'timm', 'sklearn') if m in sys.modules))"
+    code = "import sys, embedpipe; print(sorted(m for m in ('torch', 'timm', 'sklearn', 'h5py') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     assert callable(embedpipe.fit_head) and embedpipe.FineTuneResult.__name__ == "FineTuneResult"  # loaded on first use
+    assert callable(embedpipe.cache_verify) and callable(embedpipe.cache.read_attrs)
 
 
 def test_named_backbone_lists_ship_inside_the_package() -> None:

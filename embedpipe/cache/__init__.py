@@ -23,18 +23,38 @@ computes nothing and datasets that share images share rows. Hashes are
 remembered per (path, size, mtime, inode), as git's index does, so unchanged
 files are only stat'ed.
 
-Its rooms: :mod:`.layout` (names and formats), :mod:`.index` (the file index), :mod:`.store`
+Its rooms: :mod:`.layout` (names and sizes), :mod:`.hdf5` (attributes and checksums of the HDF5
+files), :mod:`.index` (the file index), :mod:`.listing` (snapshots for the cache hit), :mod:`.store`
 (shards), :mod:`.export` (exported files and their metadata), :mod:`.housekeeping` (ls, info,
 verify, rm).
 """
 
 from __future__ import annotations
 
-from .export import ExportMeta, ExportRequest, Loaded, export_name, read_export, verify_export, write_export
-from .housekeeping import cache_info, cache_list, cache_remove, cache_verify, list_exports, list_stores, remove_tmp_files
+import importlib
+from typing import Any
+
 from .index import FileIndex
-from .layout import COMPACT_SHARDS, FILE_KIND, dataset_name_for, read_attrs
-from .store import Store, StoreIndex
+from .layout import COMPACT_SHARDS, FILE_KIND, dataset_name_for
+
+# Public name -> its module, imported on first use: these load h5py (about 0.2 s), which the
+# cache-hit path never needs (it reads listing snapshots, resolved configs and the file index).
+_LAZY = {
+    **dict.fromkeys(("ExportMeta", "ExportRequest", "Loaded", "export_name", "read_export", "verify_export", "write_export"), ".export"),
+    **dict.fromkeys(("cache_info", "cache_list", "cache_remove", "cache_verify", "list_exports", "list_stores", "remove_tmp_files"),
+                    ".housekeeping"),
+    "read_attrs": ".hdf5",
+    "Store": ".store",
+    "StoreIndex": ".store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "COMPACT_SHARDS",

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
-from .layout import (ATTRIBUTES, CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, STR_DTYPE, attributes_digest, checksum_problems, column_digest,
-                     dataset_name_for, decode_attr, read_checksums)
+from ..data.strings import PackedStrings
+from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, column_digest, decode_attr, read_checksums
+from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, dataset_name_for
 from .store import Store, StoreIndex
 
 
@@ -71,7 +72,7 @@ class ExportMeta:
 class ExportRequest:
     """What goes into one exported file: a dataset's rows in its order, plus its description."""
 
-    paths: list[str]  # relative paths, in dataset order
+    paths: Sequence[str]  # relative paths, in dataset order (a dataset's PackedStrings)
     labels: np.ndarray  # int64, -1 when unlabelled
     split: list[str] | None
     digests: np.ndarray  # S64 (N,): each image's content digest
@@ -126,9 +127,10 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 data = f[dataset_name_for(output)]
                 for start in range(0, n, CHUNK_ROWS):
                     sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
+            whole = len(ok) == len(digests)  # every row stored: the columns as they are, not copies
             columns = {
-                "labels": np.asarray(request.labels)[ok].astype(np.int64),
-                "digests": digests[ok],
+                "labels": np.asarray(request.labels, dtype=np.int64) if whole else np.asarray(request.labels)[ok].astype(np.int64),
+                "digests": digests if whole else digests[ok],
                 "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()]
                 + [reason for _, reason in request.rejected],
             }
@@ -175,8 +177,8 @@ def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -
     """A UTF-8 string dataset of ``values[rows]``, written in chunks so no full copy is held."""
     data = f.create_dataset(name, shape=(len(rows),), dtype=STR_DTYPE)
     for start in range(0, len(rows), CHUNK_ROWS):
-        part = rows[start : start + CHUNK_ROWS].tolist()
-        data[start : start + len(part)] = [values[i] for i in part]
+        part = rows[start : start + CHUNK_ROWS]
+        data[start : start + len(part)] = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:

@@ -19,7 +19,8 @@ from ..config import sha256_file
 from ..errors import CacheError
 from .export import UNREADABLE, check_export, first_line, read_export, verify_export
 from .index import FileIndex
-from .layout import QUARANTINE_DIR, SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, checksum_problems, read_attrs, visible_h5
+from .hdf5 import checksum_problems, read_attrs
+from .layout import QUARANTINE_DIR, SHARD_DIR, STORE_CONFIG, STORE_DIR, TMP_PREFIX, visible_h5
 from .listing import LISTING_DIR, Listings
 from .store import shard_rows
 

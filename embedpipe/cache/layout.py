@@ -1,4 +1,5 @@
-"""Names, kinds and formats of everything in a cache folder, in one place.
+"""Names, kinds and sizes of everything in a cache folder, in one place (no h5py: the cache-hit
+path reads it without loading HDF5; reading and checking the HDF5 files is :mod:`.hdf5`).
 
 The layout they make up is drawn in :mod:`embedpipe.cache`'s docstring; a writer's file is
 ``.tmp-*`` until its rename, and a dead writer's is removed by the next one holding the lock.
@@ -6,14 +7,7 @@ The layout they make up is drawn in :mod:`embedpipe.cache`'s docstring; a writer
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 from pathlib import Path
-from typing import Any
-
-import h5py
-import numpy as np
 
 from .._atomic import write_atomically
 from ..config import OUTPUT_EMBEDDING
@@ -32,7 +26,6 @@ DIGEST_DTYPE = "S64"  # hex sha256
 CHUNK_ROWS = 4096  # chunks of >= 1024 rows read 3x faster than 256-row ones
 COMPACT_SHARDS = 64  # merge small shards once this many accumulate...
 COMPACT_ROWS = 65536  # ...into shards of at most this many rows (bounded memory)
-STR_DTYPE = h5py.string_dtype()
 
 
 def dataset_name_for(output: str) -> str:
@@ -61,89 +54,3 @@ def write_or_fail(path: Path, data: bytes) -> None:
             f"could not write {path} ({error.strerror or error}): free disk space or pick another --cache-dir; "
             "finished work is kept and the next run resumes"
         ) from None
-
-
-def decode_attr(value: Any) -> Any:
-    """An HDF5 attribute as Python: JSON text parsed, bytes decoded, numpy scalars unwrapped."""
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str) and value[:1] in "[{":
-        with contextlib.suppress(ValueError):
-            return json.loads(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def read_attrs(path: Path) -> dict[str, Any] | None:
-    """An HDF5 file's attributes, decoded; None when it is missing or unreadable."""
-    try:
-        with h5py.File(path, "r") as f:
-            return {k: decode_attr(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError, RuntimeError, ValueError, UnicodeDecodeError):  # what h5py raises on damaged bytes
-        return None
-
-
-def column_digest(data: h5py.Dataset, digest: Any) -> Any:
-    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
-    text = h5py.check_string_dtype(data.dtype) is not None
-    for start in range(0, data.shape[0], CHUNK_ROWS):
-        block = data[start : start + CHUNK_ROWS]
-        if text:
-            digest.update(b"".join(bytes(v) + b"\0" for v in block))
-        else:
-            digest.update(np.ascontiguousarray(block).data)
-        del block  # freed before the next block is read: one block in memory, not two
-    return digest
-
-
-ATTRIBUTES = "@attributes"  # the checksums entry for the file's attributes (every one but ``checksums``)
-
-
-def attributes_digest(f: h5py.File) -> str:
-    """Hex sha256 of a file's attributes as read back (decoded, canonical JSON), ``checksums`` left out."""
-    from ..config import canonical_json
-
-    attrs = {name: decode_attr(value) for name, value in f.attrs.items() if name != "checksums"}
-    return hashlib.sha256(canonical_json({k: _plain(v) for k, v in attrs.items()}).encode()).hexdigest()
-
-
-def _plain(value: Any) -> Any:
-    return value.tolist() if isinstance(value, np.ndarray) else value
-
-
-def column_checksums(f: h5py.File, names: list[str]) -> str:
-    """The ``checksums`` attribute for these datasets of ``f`` and its attributes: canonical JSON of name -> hex sha256."""
-    from ..config import canonical_json
-
-    sums = {name: column_digest(f[name], hashlib.sha256()).hexdigest() for name in names if name in f}
-    return canonical_json({**sums, ATTRIBUTES: attributes_digest(f)})
-
-
-def read_checksums(f: h5py.File) -> dict[str, str] | None:
-    """The ``checksums`` attribute (name -> hex sha256); None when it is missing or damaged."""
-    try:
-        found = json.loads(f.attrs["checksums"])
-    except (KeyError, ValueError, TypeError):
-        return None
-    if not isinstance(found, dict) or not all(isinstance(v, str) for v in found.values()):
-        return None
-    return found
-
-
-def checksum_problems(f: h5py.File, *, only: Any = None) -> list[str]:
-    """Datasets whose bytes differ from the ``checksums`` attribute ``f`` was written with (those in ``only`` when given)."""
-    expected = read_checksums(f)
-    if expected is None:
-        return ["has no readable checksums (written by an older embedpipe, or damaged)"]
-    problems = []
-    for name, want in expected.items():
-        if only is not None and name not in only:
-            continue
-        if name == ATTRIBUTES:
-            if attributes_digest(f) != want:
-                problems.append("its attributes do not match their checksum")
-            continue
-        if name not in f or not isinstance(f[name], h5py.Dataset) or not f[name].shape or column_digest(f[name], hashlib.sha256()).hexdigest() != want:
-            problems.append(f"{name} does not match its checksum")
-    return problems

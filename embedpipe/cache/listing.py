@@ -29,6 +29,7 @@ import numpy as np
 from .._atomic import write_atomically
 from ..config import CACHE_FORMAT, canonical_json, digest_of
 from .index import trusted
+from ..data.strings import PackedStrings
 from .layout import DIGEST_DTYPE
 
 logger = logging.getLogger(__name__)
@@ -37,21 +38,6 @@ LISTING_DIR = "listings"
 SNAPSHOT_FORMAT = 1
 _ARRAYS = ("paths_blob", "paths_offsets", "labels", "split_codes", "stats", "digests", "export_stat", "errors_blob",
            "errors_offsets", "meta")
-
-
-def pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings as one UTF-8 buffer and int64 end offsets (Arrow's layout): no object per string on disk."""
-    joined = "".join(strings).encode("utf-8", "surrogateescape")
-    lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
-    if len(joined) != int(lengths.sum()):  # some non-ASCII text: byte lengths differ from character counts
-        lengths = np.fromiter((len(s.encode("utf-8", "surrogateescape")) for s in strings), dtype=np.int64, count=len(strings))
-    return np.frombuffer(joined, dtype=np.uint8), np.cumsum(lengths)
-
-
-def unpack_strings(blob: np.ndarray, offsets: np.ndarray) -> list[str]:
-    data = blob.tobytes()
-    starts = [0, *offsets[:-1].tolist()]
-    return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(starts, offsets.tolist())]
 
 
 def hash_columns(digest: Any, columns: Iterable[np.ndarray]) -> Any:
@@ -69,7 +55,7 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 class Snapshot:
     """A dataset's rows and files as they were exported (all arrays in dataset order)."""
 
-    paths_blob: np.ndarray  # relative paths, packed (:func:`pack_strings`): compared as bytes for a hit
+    paths_blob: np.ndarray  # relative paths, packed (:class:`~embedpipe.data.strings.PackedStrings`): compared as bytes for a hit
     paths_offsets: np.ndarray
     labels: np.ndarray  # int64 (N,)
     split_codes: np.ndarray  # int8 (N,)
@@ -80,6 +66,10 @@ class Snapshot:
     export_stat: np.ndarray  # int64 (4,): the export's stat key when it was written
     dims: dict[str, int]
     errors: list[tuple[str, str]]  # the export's ledger: (relative path, reason)
+
+    @property
+    def relpaths(self) -> PackedStrings:
+        return PackedStrings(self.paths_blob, self.paths_offsets)
 
 
 class Listings:
@@ -108,7 +98,7 @@ class Listings:
             meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
             if meta["format"] != SNAPSHOT_FORMAT or meta["key"] != key:
                 return None
-            errors = unpack_strings(arrays["errors_blob"], arrays["errors_offsets"])
+            errors = PackedStrings(arrays["errors_blob"], arrays["errors_offsets"]).tolist()
             return Snapshot(paths_blob=arrays["paths_blob"], paths_offsets=arrays["paths_offsets"],
                             labels=arrays["labels"], split_codes=arrays["split_codes"], stats=arrays["stats"],
                             digests=arrays["digests"].astype(DIGEST_DTYPE), taken_ns=int(meta["taken_ns"]),
@@ -125,16 +115,15 @@ class Listings:
                 found.append(f"{path.name}: damaged listing snapshot: the next extract ignores it and writes it again")
         return found
 
-    def write(self, key: str, *, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray, split_codes: np.ndarray,
+    def write(self, key: str, *, relpaths: PackedStrings, labels: np.ndarray, split_codes: np.ndarray,
               stats: np.ndarray, digests: np.ndarray, taken_ns: int, export: Path, dims: dict[str, int],
               errors: list[tuple[str, str]]) -> None:
         """Remember a dataset's rows as just exported. Best effort: a snapshot that cannot be written only costs speed."""
-        blob, offsets = relpaths_packed
-        errors_blob, errors_offsets = pack_strings([text for pair in errors for text in pair])
+        errors_packed = PackedStrings.pack([text for pair in errors for text in pair])
         arrays = {
-            "paths_blob": blob, "paths_offsets": offsets, "labels": labels.astype(np.int64), "split_codes": split_codes,
-            "stats": stats, "digests": digests.astype(DIGEST_DTYPE), "export_stat": export_stat(export),
-            "errors_blob": errors_blob, "errors_offsets": errors_offsets,
+            "paths_blob": relpaths.blob, "paths_offsets": relpaths.offsets, "labels": np.asarray(labels, dtype=np.int64), "split_codes": split_codes,
+            "stats": stats, "digests": np.asarray(digests, dtype=DIGEST_DTYPE), "export_stat": export_stat(export),
+            "errors_blob": errors_packed.blob, "errors_offsets": errors_packed.offsets,
             "meta": np.frombuffer(canonical_json({"format": SNAPSHOT_FORMAT, "key": key, "taken_ns": taken_ns,
                                                   "export": export.name, "dims": dims}).encode(), dtype=np.uint8),
         }
@@ -163,27 +152,24 @@ def export_stat(path: Path) -> np.ndarray:
     return np.array([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino], dtype=np.int64)
 
 
-def unchanged_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], stats: np.ndarray) -> np.ndarray | None:
+def unchanged_rows(snapshot: Snapshot, relpaths: PackedStrings, stats: np.ndarray) -> np.ndarray | None:
     """For each of today's rows, the snapshot row it can take its digest from (-1: hash it again); None without a snapshot.
 
     A row keeps its digest when the same relative path had the same stat key when the snapshot was
     taken and that key was not racily close to it.
     """
-    today = unpack_strings(*relpaths_packed)
-    before = {relpath: row for row, relpath in enumerate(unpack_strings(snapshot.paths_blob, snapshot.paths_offsets))}
-    rows = np.fromiter((before.get(relpath, -1) for relpath in today), dtype=np.int64, count=len(today))
+    before = {relpath: row for row, relpath in enumerate(snapshot.relpaths)}
+    rows = np.fromiter((before.get(relpath, -1) for relpath in relpaths), dtype=np.int64, count=len(relpaths))
     known = rows >= 0
-    same = np.zeros(len(today), dtype=bool)
+    same = np.zeros(len(relpaths), dtype=bool)
     same[known] = (snapshot.stats[rows[known]] == stats[known]).all(axis=1) & trusted(stats[known], snapshot.taken_ns)
     rows[~same] = -1
     return rows
 
 
-def same_rows(snapshot: Snapshot, relpaths_packed: tuple[np.ndarray, np.ndarray], labels: np.ndarray) -> bool:
+def same_rows(snapshot: Snapshot, relpaths: PackedStrings, labels: np.ndarray) -> bool:
     """Whether today's relative paths and labels are the snapshot's, in the same order."""
-    blob, offsets = relpaths_packed
-    return (np.array_equal(snapshot.paths_offsets, offsets) and np.array_equal(snapshot.paths_blob, blob)
-            and np.array_equal(snapshot.labels, labels))
+    return relpaths == snapshot.relpaths and np.array_equal(snapshot.labels, labels)
 
 
 def is_hit(snapshot: Snapshot, split_codes: np.ndarray, stats: np.ndarray, export: Path) -> bool:

@@ -27,9 +27,9 @@ from .._atomic import fsync_dir, temporary_name
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from .index import RACY_NS, stat_files
+from .hdf5 import STR_DTYPE, checksum_problems, column_checksums
 from .layout import (CHECKED_FILE, CHUNK_ROWS, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG,
-                     STR_DTYPE, TMP_PREFIX, checksum_problems, column_checksums, dataset_name_for, store_root, visible_h5,
-                     write_or_fail)
+                     TMP_PREFIX, dataset_name_for, store_root, visible_h5, write_or_fail)
 
 logger = logging.getLogger(__name__)
 
@@ -171,17 +171,20 @@ class Store:
                 kept.pop()
         shards = kept
         self.save_checked()
+        lengths = [len(p) for p in parts]
         every = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST_DTYPE)
-        shard_of = np.repeat(np.arange(len(parts), dtype=np.int32), [len(p) for p in parts])
-        row_of = np.concatenate([np.arange(len(p), dtype=np.int64) for p in parts]) if parts else np.empty(0, dtype=np.int64)
+        del parts  # one copy of the digests at a time: 64 bytes a row
         # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
         # read from its first shard in name order, as a stable sort keeps it first among equals.
         order = np.argsort(every, kind="stable")
         every = every[order]
         first = np.ones(len(every), dtype=bool)  # the first of each run of equal digests (one sort, not np.unique's second)
         np.not_equal(every[1:], every[:-1], out=first[1:])
-        chosen = order[first]
-        return StoreIndex(digests=every[first], shard=shard_of[chosen], row=row_of[chosen], errors=errors, shards=shards)
+        chosen = order if first.all() else order[first]
+        starts = np.cumsum([0, *lengths])
+        shard = (np.searchsorted(starts, chosen, side="right") - 1).astype(np.int32)  # row positions -> shard, row
+        return StoreIndex(digests=every if first.all() else every[first], shard=shard, row=chosen - starts[shard],
+                          errors=errors, shards=shards)
 
     def _checked_shards(self) -> dict[str, list[int]]:
         if self._checked is None:

@@ -27,6 +27,8 @@ from typing import Any, overload
 
 import numpy as np
 
+from .strings import PackedStrings
+
 STAT_WIDTH = 4  # size, mtime_ns, ctime_ns, inode: the file index's stat key
 
 
@@ -63,6 +65,10 @@ class Reader:
     def stat_keys(self, rows: np.ndarray, relpaths: Sequence[str]) -> np.ndarray:
         """int64 ``(len(rows), 4)`` change keys. Raises :class:`~embedpipe.errors.DataError` naming a missing container."""
         raise NotImplementedError
+
+    def groups(self, rows: np.ndarray) -> np.ndarray | None:
+        """The container each row is read from (a tar shard), so ranks share out whole containers; None: rows stand alone."""
+        return None
 
     @property
     def _state(self) -> threading.local:
@@ -109,10 +115,15 @@ class ItemColumn(Sequence[str]):
         """The items at ``positions`` (in this column), as a column of their own."""
         positions = np.asarray(positions, dtype=np.int64)
         relpaths = self.relpaths
-        return ItemColumn(self.reader, [relpaths[i] for i in positions.tolist()], self.rows[positions])
+        taken = relpaths.take(positions) if isinstance(relpaths, PackedStrings) else [relpaths[i] for i in positions.tolist()]
+        return ItemColumn(self.reader, taken, self.rows[positions])
 
     def read(self, index: int) -> bytes:
         return self.reader.read(int(self.rows[index]), self.relpaths[index])
 
     def stat_keys(self) -> np.ndarray:
         return self.reader.stat_keys(self.rows, self.relpaths)
+
+    def groups(self, positions: np.ndarray) -> np.ndarray | None:
+        """The container of each item at ``positions`` (see :meth:`Reader.groups`)."""
+        return self.reader.groups(self.rows[np.asarray(positions, dtype=np.int64)])

@@ -22,6 +22,7 @@ import numpy as np
 from ..config import SplitConfig
 from ..errors import DataError
 from .items import ItemColumn, Reader
+from .strings import PackedStrings
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,12 @@ class PathColumn(Sequence[str]):
             return [f"{self.base}/{relpath}" for relpath in self.relpaths[index]]
         return f"{self.base}/{self.relpaths[index]}"
 
-    def take(self, rows: Sequence[int]) -> PathColumn:
+    def take(self, rows: Sequence[int] | np.ndarray) -> PathColumn:
         """The paths at ``rows`` (positions in this column), as a column of their own."""
         relpaths = self.relpaths
-        return PathColumn(self.base, [relpaths[i] for i in rows])
+        if isinstance(relpaths, PackedStrings):
+            return PathColumn(self.base, relpaths.take(rows))
+        return PathColumn(self.base, [relpaths[i] for i in np.asarray(rows).tolist()])
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +75,14 @@ class Record:
 class Dataset:
     """An ordered list of images with their labels and splits, held as columns.
 
-    A dataset of N images costs its relative paths (one ``str`` each), N int64 labels and N int8
-    split codes; :attr:`records` builds one :class:`Record` per image only when asked for.
+    A dataset of N images costs its relative paths (packed: their UTF-8 bytes and an int64 offset
+    each), N int64 labels and N int8 split codes; :attr:`records` builds one :class:`Record` per
+    image only when asked for.
     """
 
     root: Path | str  # the folder, the manifest file, the shard pattern; a str when it is a URL
     layout: str  # "folder", "split-folder", "manifest", "unlabelled", "tar" or "hf"
-    relpaths: tuple[str, ...]  # sorted; relative to :attr:`base`, forward slashes; or item locators
+    relpaths: PackedStrings  # sorted; relative to :attr:`base`, forward slashes; or item locators (any sequence is packed)
     labels: np.ndarray  # int64 (N,), UNLABELLED when unlabelled
     split_codes: np.ndarray  # int8 (N,): -1 no split, else an index into SPLITS
     class_names: tuple[str, ...] = ()
@@ -92,6 +96,10 @@ class Dataset:
     # Files found but not taken in, as (path shown with \x escapes, reason): names that are not valid
     # UTF-8, which no export column, index or JSON could store; they go to the error ledger.
     rejected: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.relpaths, PackedStrings):
+            object.__setattr__(self, "relpaths", PackedStrings.pack(self.relpaths))
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -198,14 +206,14 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], in
         order = np.array(sorted(range(len(relpaths)), key=relpaths.__getitem__), dtype=np.int64)
         relpaths = [relpaths[i] for i in order.tolist()]
         labels, split_codes = labels[order], split_codes[order]
-    return Dataset(root=root, layout=layout, relpaths=tuple(relpaths), labels=labels, split_codes=split_codes, **kw)
+    return Dataset(root=root, layout=layout, relpaths=PackedStrings.pack(relpaths), labels=labels, split_codes=split_codes, **kw)
 
 
 def _rank(seed: int, relpath: str) -> bytes:
     return hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
 
 
-def stratified_split(relpaths: tuple[str, ...], labels: np.ndarray, config: SplitConfig) -> np.ndarray:
+def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitConfig) -> np.ndarray:
     """Assign train/val/test per class, deterministically from ``config.seed``; int8 codes into SPLITS.
 
     Within each class, images are ordered by a hash of (seed, relative path) and
@@ -220,7 +228,10 @@ def stratified_split(relpaths: tuple[str, ...], labels: np.ndarray, config: Spli
         raise DataError("val + test fractions leave no training images: make them sum to less than 1")
     # Each row's rank as four big-endian uint64 words of its sha256, so numpy sorts them in the order of
     # the digests' bytes (a lexsort, not a Python sort with a key function: 10x faster at 100k rows).
-    words = np.frombuffer(b"".join(_rank(config.seed, relpath) for relpath in relpaths), dtype=">u8").reshape(-1, 4)
+    ranks = bytearray(32 * len(relpaths))  # filled in place: no bytes object per row held at once
+    for i, relpath in enumerate(relpaths):
+        ranks[32 * i : 32 * i + 32] = _rank(config.seed, relpath)
+    words = np.frombuffer(ranks, dtype=">u8").reshape(-1, 4)
     labels = np.asarray(labels)
     codes = np.zeros(len(relpaths), dtype=np.int8)  # train
     train, val, test = (SPLITS.index(name) for name in ("train", "val", "test"))

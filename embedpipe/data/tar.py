@@ -72,6 +72,9 @@ class TarReader(Reader):
             if self.shards else np.empty((0, 4), dtype=np.int64)
         return keys[self.shard_of[np.asarray(rows, dtype=np.int64)]]
 
+    def groups(self, rows: np.ndarray) -> np.ndarray:
+        return self.shard_of[np.asarray(rows, dtype=np.int64)]  # under torchrun a shard is read by one rank
+
     def read(self, row: int, relpath: str) -> bytes:
         shard, offset, size = int(self.shard_of[row]), int(self.offsets[row]), int(self.sizes[row])
         state = self._state
