@@ -206,15 +206,19 @@ class AlternatingStore(Store):
         super().compact(**kwargs)
         self.compact_seconds += time.perf_counter() - started
 
+    def iterations(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seconds of each compared iteration: its forward, and its write when it wrote; whether it wrote)."""
+        return np.diff(self.ends), np.array(self.wrote[1:], dtype=bool)
+
     def ratio(self) -> tuple[float, int]:
-        """(mean discarding iteration's time / mean writing iteration's, the end-of-call compaction charged
-        to the writing ones; the number of writing iterations compared)."""
-        times = np.diff(self.ends)  # iteration k's forward, and its write when it wrote
-        wrote = np.array(self.wrote[1:], dtype=bool)
+        """(median discarding iteration's time / median writing iteration's, the end-of-call compaction
+        charged to the writing ones; the number of writing iterations). Medians, because a few
+        iterations here run 10-30% slow when the host takes the cores away, whichever kind they are."""
+        times, wrote = self.iterations()
         writing = int(wrote.sum())
         if not writing or writing == len(wrote):
             return float("nan"), 0
-        return float(times[~wrote].mean() / (times[wrote].mean() + self.compact_seconds / writing)), writing
+        return float(np.median(times[~wrote]) / (np.median(times[wrote]) + self.compact_seconds / writing)), writing
 
 
 class Bench(Harness):
@@ -386,8 +390,9 @@ class Bench(Harness):
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         ratio, pairs = store.ratio()
+        times, wrote = store.iterations()
         return {"seconds": seconds, "images_per_second": computed / seconds, "ratio": ratio, "pairs": pairs,
-                "compact_seconds": store.compact_seconds}
+                "compact_seconds": store.compact_seconds, "iteration_seconds": times.round(5).tolist(), "wrote": wrote.tolist()}
 
     def allocator_child(self, malloc: str) -> dict[str, Any]:
         """The bare forward in a fresh process, with glibc's malloc defaults or tuned (see embedpipe.keep_freed_memory)."""
@@ -436,25 +441,27 @@ class Bench(Harness):
 
     def units(self, rep: int) -> list[Callable[[], None]]:
         # Variants that are compared sit next to each other, so a pair runs close in time.
-        return [
-            lambda: self.sample("bf16", f"embed_predecoded_{self.other_precision}", rep, lambda: self.predecoded(f"embed_predecoded_{self.other_precision}")),
-            lambda: self.sample("channels_last", "embed_predecoded_contiguous", rep, lambda: self.predecoded("embed_predecoded_contiguous")),
+        tagged = [
+            ("bf16", lambda: self.sample("bf16", f"embed_predecoded_{self.other_precision}", rep, lambda: self.predecoded(f"embed_predecoded_{self.other_precision}"))),
+            ("channels_last", lambda: self.sample("channels_last", "embed_predecoded_contiguous", rep, lambda: self.predecoded("embed_predecoded_contiguous"))),
             # A B B A here too: a pair's order alone moved its ratio by up to 10%.
-            lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
-            lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward),
-            lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward),
-            lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded")),
-            lambda: self.sample("end_to_end", "decode_only", rep, self.decode_only),
-            lambda: self.extract_chain(rep),
+            ("loop_overhead", lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded"))),
+            ("loop_overhead", lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward)),
+            ("loop_overhead", lambda: self.sample("loop_overhead", "bare_forward", rep, self.bare_forward)),
+            ("loop_overhead", lambda: self.sample("loop_overhead", "embed_predecoded", rep, lambda: self.predecoded("embed_predecoded"))),
+            ("end_to_end", lambda: self.sample("end_to_end", "decode_only", rep, self.decode_only)),
+            ("end_to_end cache_hit incremental", lambda: self.extract_chain(rep)),
             # A B B A: the second of two back-to-back _compute runs is often slower, whichever it is.
-            lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
-            lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
-            lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep)),
-            lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep)),
-            lambda: self.sample("cache_writes", "compute_alternating", rep, lambda: self.compute_alternating(rep)),
-            lambda: self.sample("allocator", "child_forward_glibc_default", rep, lambda: self.allocator_child("default")),
-            lambda: self.sample("allocator", "child_forward_malloc_tuned", rep, lambda: self.allocator_child("tuned")),
+            ("cache_writes", lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep))),
+            ("cache_writes", lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep))),
+            ("cache_writes", lambda: self.sample("cache_writes", "compute_discard", rep, lambda: self.compute(writes=False, rep=rep))),
+            ("cache_writes", lambda: self.sample("cache_writes", "compute_writes", rep, lambda: self.compute(writes=True, rep=rep))),
+            ("cache_writes", lambda: self.sample("cache_writes", "compute_alternating", rep, lambda: self.compute_alternating(rep))),
+            ("allocator", lambda: self.sample("allocator", "child_forward_glibc_default", rep, lambda: self.allocator_child("default"))),
+            ("allocator", lambda: self.sample("allocator", "child_forward_malloc_tuned", rep, lambda: self.allocator_child("tuned"))),
         ][: None if self.args.allocator else -2]
+        only = set(self.args.only.split(",")) if self.args.only else None
+        return [unit for measurements, unit in tagged if only is None or only & set(measurements.split())]
 
     def run(self) -> None:
         for rep in range(self.args.repeats):
@@ -596,7 +603,7 @@ def summarize(bench: Bench) -> list[list[str]]:
     row("3 writes", f"batches without / with write_shard, one call ({pairs or 0:.0f} of each)",
         fmt(sel.value("compute_alternating", "images_per_second"), "ips"), "cache_writes", "alternating_batches",
         sel.median(lambda g: g["compute_alternating"]["ratio"]), sel,
-        "one _compute call writing every other batch: discarding / writing iterations' time, compaction charged to writes")
+        "one _compute call writing every other batch: median discarding / median writing iteration's time, compaction charged to writes")
 
     # 4. cache hit
     sel = bench.select("extract_hit", "extract_first")
@@ -732,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-images", type=int, default=128, help="images per sample of the pre-decoded forward variants (default: %(default)s)")
     parser.add_argument("--alternating-batches", type=int, default=17,
                         help="batches of the one-call writes variant, every other one written (default: %(default)s)")
+    parser.add_argument("--only", default=None,
+                        help="run only these measurements, e.g. cache_writes or loop_overhead,cache_writes (default: all)")
     parser.add_argument("--no-allocator", dest="allocator", action="store_false", help="skip the glibc malloc A/B (child processes)")
     parser.add_argument("--malloc-tuned", action="store_true", help="raise glibc's mmap/trim thresholds in this process first (the proposed fix)")
     parser.add_argument("--allocator-child", choices=("default", "tuned"), help=argparse.SUPPRESS)

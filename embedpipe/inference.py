@@ -133,9 +133,12 @@ def default_workers(device: str) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.startswith("cuda"):
         return min(16, cores)  # the GPU waits on decoding: use every core
-    # On CPU decoding and the forward share the cores; one worker per two
-    # cores overlaps them without starving the forward's own threads.
-    return max(1, min(8, cores // 2))
+    # On CPU the forward's threads already use every core, so a decode worker takes cores from it.
+    # Measured on 2 cores (benchmarks/bench_cores.py, tf_efficientnet_lite0, 512 JPEGs): no worker
+    # 1.15x, two 1.09x, one (the old default) 1.0x, one with 1 torch thread 0.83x. One core decodes
+    # ~135 img/s while two run the forward at ~50, so a worker keeps up with the forward of about
+    # five other cores: one worker per six cores, none below six (derived, not measured beyond 2).
+    return min(8, cores // 6)
 
 
 def default_batch_size(device: str) -> int:

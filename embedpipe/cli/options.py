@@ -77,7 +77,7 @@ def backbone_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-jpeg-draft", is_flag=True, help="Decode JPEGs at full size even when much larger than needed."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per batch [default: 256 on CUDA, 64 on CPU]; halved on out-of-memory."),
-        click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader decode workers [default: by device]."),
+        click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader decode workers [default: by device: GPU min(16, cores); CPU cores // 6, none below 6 cores]."),
         click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone."),
         click.option("--no-channels-last", is_flag=True, help="Keep NCHW memory format."),
     ]
