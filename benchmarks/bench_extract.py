@@ -599,8 +599,8 @@ def summarize(bench: Bench) -> list[list[str]]:
         "_compute with shard writes / without, images/s", write_time_share=share)
     row("3 writes", "  time inside write_shard / loop time", "n/a" if share is None else f"{100 * share:.2f} %", sel=sel)
     sel = bench.select("compute_alternating")
-    pairs = sel.median(lambda g: g["compute_alternating"]["pairs"])
-    row("3 writes", f"batches without / with write_shard, one call ({pairs or 0:.0f} of each)",
+    writing = sel.median(lambda g: g["compute_alternating"]["pairs"])  # writing iterations, as many as the others
+    row("3 writes", f"batches without / with write_shard, one call ({writing or 0:.0f} of each)",
         fmt(sel.value("compute_alternating", "images_per_second"), "ips"), "cache_writes", "alternating_batches",
         sel.median(lambda g: g["compute_alternating"]["ratio"]), sel,
         "one _compute call writing every other batch: median discarding / median writing iteration's time, compaction charged to writes")

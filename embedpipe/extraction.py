@@ -317,9 +317,8 @@ def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpe
     rows = np.flatnonzero(missing)
     todo = rows[_first_of_each(digests if len(rows) == len(digests) else digests[rows])]  # an image stored twice is embedded once
     mine = ranks.share(todo, _groups(dataset.paths, todo, ranks))
-    every = len(mine) == len(digests)  # then mine is every row in order: the columns themselves, not copies
-    paths = dataset.paths if every else dataset.paths.take(mine)
-    own = _compute(store, digests if every else digests[mine], paths, spec, device, run, progress, own_shards=ranks.world > 1)
+    mine_digests = digests if len(mine) == len(digests) else digests[mine]  # every row, in order: no 64 B/row copy
+    own = _compute(store, mine_digests, dataset.paths.take(mine), spec, device, run, progress, own_shards=ranks.world > 1)
     return ranks.gather(own)  # also waits for every rank's last shard
 
 

@@ -28,8 +28,8 @@ import numpy as np
 
 from .._atomic import write_atomically
 from ..config import CACHE_FORMAT, canonical_json, digest_of
-from .index import trusted
 from ..data.strings import PackedStrings
+from .index import trusted
 from .layout import DIGEST_DTYPE
 
 logger = logging.getLogger(__name__)

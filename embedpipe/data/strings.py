@@ -40,12 +40,16 @@ class PackedStrings(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def _start(self, index: int) -> int:
+        """Where string ``index`` (0 <= index <= len) starts in the blob: where the one before it ends."""
+        return int(self.offsets[index - 1]) if index else 0
+
     def _bounds(self, index: int) -> tuple[int, int]:
         n = len(self.offsets)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} strings")
         index %= n
-        return (int(self.offsets[index - 1]) if index else 0), int(self.offsets[index])
+        return self._start(index), int(self.offsets[index])
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -58,8 +62,7 @@ class PackedStrings(Sequence[str]):
             start, stop, step = index.indices(len(self))
             if step == 1:  # a run of strings is a run of bytes: decoded from a view, nothing gathered
                 stop = max(start, stop)
-                first = int(self.offsets[start - 1]) if start else 0
-                last = int(self.offsets[stop - 1]) if stop > start else first
+                first, last = self._start(start), self._start(stop)
                 return PackedStrings(self.blob[first:last], self.offsets[start:stop] - first).tolist()
             return self.take(np.arange(start, stop, step)).tolist()
         start, end = self._bounds(int(index))
