@@ -175,6 +175,7 @@ def extract(
     cache_dir = Path(cache_dir)
     if run.on_error not in ("skip", "fail"):
         raise CacheError(f"unknown --on-error {run.on_error!r}: use skip or fail")
+    taken_ns = time.time_ns()  # files changed from here on (a folder's are stat'ed as listed) are racily clean for the next run
     dataset = load_dataset(source, split=split, storage_options=storage_options, seed_split=False)
     device = resolve_device(run.device)
     spec = as_spec(backbone)
@@ -183,8 +184,7 @@ def extract(
     seeded = (split or SplitConfig()) if needs_seeded_split(dataset) else None
     listing_key = Listings.key(str(dataset.root), seeded.to_dict() if seeded else None, config.key())
     paths = dataset.paths
-    taken_ns = time.time_ns()  # files changed from here on are racily clean for the next run
-    stats = stat_files(paths)
+    stats = dataset.stats if dataset.stats is not None else stat_files(paths)
     snapshot = listings.read(listing_key)
     # The seeded split is a function of the rows, their labels and the split settings (in the listing
     # key): when those are the snapshot's, so is the split, and no path is hashed for it again.

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import re
 import resource
-import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +102,8 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def versions() -> dict[str, str]:
     """Installed versions of embedpipe and of what decides the numbers."""
+    from importlib.metadata import PackageNotFoundError, version  # 60 ms: not on a cache hit's path
+
     found = {"embedpipe": __version__}
     for package in VERSIONED_PACKAGES:
         try:
@@ -116,6 +115,8 @@ def versions() -> dict[str, str]:
 
 def environment(device: str) -> dict[str, Any]:
     """What a results file must name: CPU/GPU, cores, Python, library versions, git commit, a machine slug."""
+    import platform
+
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
@@ -140,6 +141,8 @@ def _checkout_commit() -> str:
     sits inside some other project's repository must not record that project's commit.
     """
     package = Path(__file__).resolve().parent
+    import subprocess
+
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=5)

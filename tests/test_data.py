@@ -9,6 +9,7 @@ own resolver and transform.
 from __future__ import annotations
 
 import csv
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -236,6 +237,38 @@ def test_plain_folder_is_unlabelled(tmp_path: Path) -> None:
     assert dataset.class_names == ()
     assert not dataset.has_split
     assert dataset.split_source == "none" and dataset.split_config is None
+
+
+def test_listing_is_sorted_by_whole_path_with_each_files_stat_key(tmp_path: Path) -> None:
+    """A folder's listing stats each file as it lists it; its order and keys are what a sort and os.stat give."""
+    root = tmp_path / "nested"
+    names = ["a.png", "a-b.png", "a/x.png", "a/b/y.png", "a/b-c.png", "a0.png", "Z/q.png", "a/b/z/w.png", "a/b.png"]
+    for name in names:
+        put_image(root / "class" / name)
+    put_text(root / "class" / "a" / "notes.txt")
+    put_image(root / "class" / "a" / ".hidden.png")
+    (root / "class" / "a" / "gone.txt").symlink_to(tmp_path / "nowhere")  # a broken link that is no image: not ours
+
+    dataset = load_dataset(root)
+
+    expected = sorted(f"class/{name}" for name in names)
+    assert list(dataset.relpaths) == expected  # "a-b.png" before "a/...", "a/b-c.png" before "a/b/..."
+    assert dataset.stats is not None and dataset.stats.dtype == np.int64
+    by_stat = np.array([[st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+                        for st in (os.stat(root / relpath) for relpath in expected)])
+    np.testing.assert_array_equal(dataset.stats, by_stat)
+
+    (root / "class" / "a" / "lost.png").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="lost.png"):
+        load_dataset(root)
+
+    classes = tmp_path / "classes"  # class folders listed in name order, rows sorted by path: the keys follow the rows
+    for relpath in ("a/1.png", "a-b/2.png", "a-b/3.png", "a/4.png"):
+        put_image(classes / relpath, size=(2 + len(relpath), 2))
+    dataset = load_dataset(classes)
+    assert list(dataset.relpaths) == ["a-b/2.png", "a-b/3.png", "a/1.png", "a/4.png"]
+    assert dataset.labels.tolist() == [1, 1, 0, 0]
+    np.testing.assert_array_equal(dataset.stats[:, 3], [os.stat(classes / r).st_ino for r in dataset.relpaths])
 
 
 # ---------------------------------------------------------------- 2. the seeded split

@@ -16,7 +16,6 @@ import numpy as np
 
 from ..errors import DataError
 from .records import SPLITS, Dataset, label_codes
-from .table import TableReader, arrow_rows
 
 DATASETS_EXTRA = 'pip install -c constraints.txt "embedpipe[datasets]"'
 MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the top of its folder
@@ -34,6 +33,8 @@ def load_hf(root: Path) -> Dataset:
     Raises:
         DataError: ``datasets`` is not installed; no image column; an unknown split name; rows not in their Arrow files.
     """
+    from .table import TableReader, arrow_rows  # Arrow, only once a saved dataset is read
+
     try:
         import datasets
     except ImportError:

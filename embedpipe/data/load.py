@@ -12,11 +12,12 @@ import numpy as np
 from ..config import SplitConfig
 from ..errors import DataError
 from .folder import load_folder
-from .hf import is_saved_dataset, load_hf
-from .manifest import PARQUET_SUFFIXES, load_csv, load_parquet
-from .records import IMAGE_EXTENSIONS, Dataset, stratified_split
+from .hf import is_saved_dataset
+from .records import IMAGE_EXTENSIONS, PARQUET_SUFFIXES, Dataset, stratified_split
 from .remote import is_url, local_path
-from .tar import is_shard_source, load_tar
+
+# Each reader other than the folder's is imported when its kind is read: a cache hit on a folder
+# (the command's whole cost a stat per file) does not pay for tarfile, csv or Arrow.
 
 logger = logging.getLogger(__name__)
 
@@ -77,26 +78,39 @@ def with_seeded_split(dataset: Dataset, split: SplitConfig | None, *, known: np.
 
 
 def _load_local(source: Path, storage_options: dict[str, Any] | None) -> Dataset:
-    if not source.exists() and is_shard_source(str(source)):
-        return load_tar(str(source.absolute()), storage_options=storage_options)
     if not source.exists():
+        from .tar import is_shard_source, load_tar
+
+        if is_shard_source(str(source)):
+            return load_tar(str(source.absolute()), storage_options=storage_options)
         raise DataError(f"{source} does not exist: pass {KINDS}")
     source = source.resolve()
     if source.is_file():
         suffix = source.suffix.lower()
         if suffix == ".csv":
+            from .manifest import load_csv
+
             return load_csv(source)
         if suffix in PARQUET_SUFFIXES:
+            from .manifest import load_parquet
+
             return load_parquet(source)
         if suffix == ".tar":
+            from .tar import load_tar
+
             return load_tar(str(source))
         raise DataError(f"{source} is a file but not a .csv manifest, a Parquet manifest or a .tar shard: pass {KINDS}")
     if is_saved_dataset(source):
+        from .hf import load_hf
+
         return load_hf(source)
     return load_folder(source)
 
 
 def _load_remote(url: str, storage_options: dict[str, Any] | None) -> Dataset:
+    from .manifest import load_csv, load_parquet
+    from .tar import is_shard_source, load_tar
+
     lowered = url.lower().split("?", 1)[0]
     if lowered.endswith(".csv"):
         return load_csv(url, storage_options=storage_options)

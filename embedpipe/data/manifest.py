@@ -24,7 +24,6 @@ from .records import SPLITS, Dataset, label_codes
 from .remote import is_url, local_path, read_url
 from .table import TableReader, open_parquet
 
-PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 class ManifestReader(Reader):

@@ -26,6 +26,7 @@ from .strings import PackedStrings
 
 logger = logging.getLogger(__name__)
 
+PARQUET_SUFFIXES = (".parquet", ".pq")  # a Parquet manifest or table
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 UNLABELLED = -1
@@ -96,6 +97,9 @@ class Dataset:
     # Files found but not taken in, as (path shown with \x escapes, reason): names that are not valid
     # UTF-8, which no export column, index or JSON could store; they go to the error ledger.
     rejected: tuple[tuple[str, str], ...] = ()
+    # Plain files' stat keys (size, mtime_ns, ctime_ns, inode; int64 (N, 4)) as they were when listed,
+    # so the cache's change test needs no second stat per file; None when not taken (or not files).
+    stats: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.relpaths, PackedStrings):
@@ -185,28 +189,37 @@ def shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], int, str | None]], **kw: Any) -> Dataset:
+def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], int, str | None]], *,
+                 stats: np.ndarray | None = None, **kw: Any) -> Dataset:
     """A dataset from groups of relative paths that share a label and a split, sorted by path.
 
-    Columns are built straight from the groups (no tuple per image), and a listing that is already
-    in order, as a folder tree's usually is, is not sorted again.
+    Each group must be sorted already (a folder listing is). Columns are built straight from the
+    groups (no tuple per image), and groups that follow each other in order are not sorted again. ``stats``, the stat keys taken while
+    listing (one row per path, in the groups' order), follow the rows.
     """
     codes = {name: i for i, name in enumerate(SPLITS)}
     rejected = [*kw.pop("rejected", ())]
-    if not all(is_utf8("".join(paths)) for paths, _, _ in groups):  # one check per group, not per path
-        rejected += [(shown(relpath), NOT_UTF8) for paths, _, _ in groups for relpath in paths if not is_utf8(relpath)]
-        groups = [([relpath for relpath in paths if is_utf8(relpath)], label, split) for paths, label, split in groups]
-    if rejected:
-        kw["rejected"] = tuple(sorted(rejected))
     relpaths = [relpath for paths, _, _ in groups for relpath in paths]
     counts = [len(paths) for paths, _, _ in groups]
     labels = np.repeat(np.array([label for _, label, _ in groups], dtype=np.int64), counts)
     split_codes = np.repeat(np.array([codes.get(split, -1) for _, _, split in groups], dtype=np.int8), counts)
-    if any(a > b for a, b in zip(relpaths, relpaths[1:])):
+    if not all(is_utf8("".join(paths)) for paths, _, _ in groups):  # one check per group, not per path
+        keep = np.array([is_utf8(relpath) for relpath in relpaths], dtype=bool)
+        rejected += [(shown(relpath), NOT_UTF8) for relpath, kept in zip(relpaths, keep.tolist()) if not kept]
+        relpaths = [relpath for relpath, kept in zip(relpaths, keep.tolist()) if kept]
+        labels, split_codes = labels[keep], split_codes[keep]
+        stats = stats[keep] if stats is not None else None
+    if rejected:
+        kw["rejected"] = tuple(sorted(rejected))
+    # Each group is sorted (a folder listing is): the rows are in order when the groups' ends are.
+    ends = [(paths[0], paths[-1]) for paths, _, _ in groups if paths]
+    if any(a[1] > b[0] for a, b in zip(ends, ends[1:])):
         order = np.array(sorted(range(len(relpaths)), key=relpaths.__getitem__), dtype=np.int64)
         relpaths = [relpaths[i] for i in order.tolist()]
         labels, split_codes = labels[order], split_codes[order]
-    return Dataset(root=root, layout=layout, relpaths=PackedStrings.pack(relpaths), labels=labels, split_codes=split_codes, **kw)
+        stats = stats[order] if stats is not None else None
+    return Dataset(root=root, layout=layout, relpaths=PackedStrings.pack(relpaths), labels=labels, split_codes=split_codes,
+                   stats=stats, **kw)
 
 
 def _rank(seed: int, relpath: str) -> bytes:
