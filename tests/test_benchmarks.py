@@ -92,3 +92,17 @@ def test_gpu_check_torchrun_row_on_cpu(tmp_path: Path) -> None:
     (row,) = [r for r in json.loads(out.read_text()) if r["variant"] == "torchrun"]
     assert row["error"] is None and row["processes"] == 2
     assert row["images_per_second_1"] > 0 and row["images_per_second_2"] > 0 and row["scaling"] > 0
+
+
+@pytest.mark.slow
+def test_bookkeeping_benchmark_runs_every_measurement(tmp_path: Path) -> None:
+    """bench_bookkeeping at a toy size, so the scale benchmark cannot rot: every row measured, the hit a hit."""
+    out = tmp_path / "bookkeeping.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_bookkeeping.py"), "--sizes", "300",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())
+    assert record["images"] == 300 and record["hit_cache_hit"] is True
+    assert record["incremental_images"] == 3 and record["incremental_computed"] == 3
+    assert record["store_files"] > 0 and record["verify_seconds"] > 0 and record["list_stat_seconds"] > 0
+    assert "hit/stat" in done.stdout
