@@ -208,6 +208,7 @@ def first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0]
 
 
+CHECK_ROWS = 65536  # labels and split names checked this many rows at a time (bounded memory)
 REBUILD = "delete it and rerun `embedpipe extract` to rebuild it from the cache"
 _TEXT_KINDS = "OSU"  # numpy kinds h5py gives string datasets: vlen object, fixed bytes, fixed unicode
 
@@ -327,8 +328,9 @@ def check_export(f: h5py.File, path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         attrs = _check_file(f, path)
-        split = f["split"].asstr()[:] if "split" in f else None
-        _check_values(f["labels"][:], split, attrs["class_names"])
+        for start in range(0, f["labels"].shape[0], CHECK_ROWS):  # a block at a time: a million split names are 60 MB as str
+            split = f["split"].asstr()[start : start + CHECK_ROWS] if "split" in f else None
+            _check_values(f["labels"][start : start + CHECK_ROWS], split, attrs["class_names"])
     except _Bad as problem:
         raise CacheError(f"{path} {problem}") from None
     return attrs

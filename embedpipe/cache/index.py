@@ -206,14 +206,19 @@ class FileIndex:
                 if check != "ok":
                     raise sqlite3.DatabaseError(check)
                 tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                rows = connection.execute(f"SELECT * FROM {TABLE}").fetchall() if TABLE in tables else []
+                count, bad, first_bad = 0, 0, ""
+                if TABLE in tables:
+                    # Row by row from the cursor, not fetchall: a million rows as Python tuples are 500 MB.
+                    for row in connection.execute(f"SELECT * FROM {TABLE}"):
+                        count += 1
+                        if len(row) != 8 or row[7] != _row_check(*row[:7]):
+                            bad, first_bad = bad + 1, first_bad or str(row[0])
             finally:
                 connection.close()
         except sqlite3.DatabaseError as error:
             return [f"unreadable ({error}): the next extract moves it aside and hashes the images again"]
-        bad = [row[0] for row in rows if len(row) != 8 or row[7] != _row_check(*row[:7])]
         if bad:
-            return [f"{len(bad)} of {len(rows)} rows fail their check (edited or swapped digests, e.g. {bad[0]}): "
+            return [f"{bad} of {count} rows fail their check (edited or swapped digests, e.g. {first_bad}): "
                     "the next extract hashes those files again"]
         return []
 

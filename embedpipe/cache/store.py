@@ -47,6 +47,7 @@ class ShardReadError(CacheError):
                          "rerun `embedpipe extract`, which moves it aside and recomputes its rows")
 
 
+_LOOKUP_ROWS = 65536  # digests looked up at a time
 _NIBBLE = np.zeros(256, dtype=np.uint8)
 _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 
@@ -78,8 +79,16 @@ class StoreIndex:
         self.keys = digest_keys(self.digests)
 
     def _positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Searched by 64-bit key (16x faster than comparing 64-byte strings), then the whole digest compared.
         digests = np.asarray(digests, dtype=DIGEST_DTYPE)
+        at = np.empty(len(digests), dtype=np.int64)
+        found = np.empty(len(digests), dtype=bool)
+        for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the keys' scratch stays small
+            part = slice(start, start + _LOOKUP_ROWS)
+            at[part], found[part] = self._block_positions(digests[part])
+        return at, found
+
+    def _block_positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Searched by 64-bit key (16x faster than comparing 64-byte strings), then the whole digest compared.
         keys = digest_keys(digests)
         at = np.searchsorted(self.keys, keys)
         found = at < len(self.digests)
@@ -199,16 +208,21 @@ class Store:
         shards = kept
         self.save_checked()
         lengths = [len(p) for p in parts]
-        every = np.concatenate(parts) if parts else np.empty(0, dtype=DIGEST_DTYPE)
-        del parts  # one copy of the digests at a time: 64 bytes a row
+        starts = np.cumsum([0, *lengths])
+        every = np.empty(int(starts[-1]), dtype=DIGEST_DTYPE)
+        for i, part in enumerate(parts):  # each shard's part freed once copied: one copy of the digests at a time
+            every[starts[i] : starts[i + 1]] = part
+            parts[i] = every[:0]
+        del parts
         # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
-        # read from its first shard in name order, as a stable sort keeps it first among equals.
+        # read from its first shard in name order, as a stable sort keeps it first among equals. The
+        # digests are then sorted in place (not gathered through the order: a second 64 B/row copy).
         order = np.argsort(every, kind="stable")
-        every = every[order]
+        every.sort()
         first = np.ones(len(every), dtype=bool)  # the first of each run of equal digests (one sort, not np.unique's second)
         np.not_equal(every[1:], every[:-1], out=first[1:])
         chosen = order if first.all() else order[first]
-        starts = np.cumsum([0, *lengths])
+        del order
         shard = (np.searchsorted(starts, chosen, side="right") - 1).astype(np.int32)  # row positions -> shard, row
         return StoreIndex(digests=every if first.all() else every[first], shard=shard, row=chosen - starts[shard],
                           errors=errors, shards=shards)

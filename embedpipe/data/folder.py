@@ -34,10 +34,10 @@ def visible_dirs(folder: Path) -> list[Path]:
 class Listing:
     """The image files below some folders, with the stat key of each taken as it is listed.
 
-    One ``stat`` per entry tells folders from files and gives a file's stat key, so listing costs
-    no more than the stat'ing the cache's change test needs anyway (what ``find -printf`` does), and
-    the stat calls run on every core (:func:`~.filestat.stat_many`). Keys are kept as int64 blocks,
-    so a million files hold no Python int each.
+    One ``stat`` per entry (:func:`~.filestat.stat_many`) tells folders from files and gives a file's
+    stat key, so listing costs no more than the stat'ing the cache's change test needs anyway (what
+    ``find -printf`` does): a 100k-file cache hit lists and stats in about the time ``os.walk`` +
+    ``os.stat`` take. Keys are kept as int64 blocks, so a million files hold no Python int each.
     """
 
     def __init__(self) -> None:

@@ -194,8 +194,8 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], in
     """A dataset from groups of relative paths that share a label and a split, sorted by path.
 
     Each group must be sorted already (a folder listing is). Columns are built straight from the
-    groups (no tuple per image), and groups that follow each other in order are not sorted again. ``stats``, the stat keys taken while
-    listing (one row per path, in the groups' order), follow the rows.
+    groups (no tuple per image), and groups that follow each other in order are not sorted again.
+    ``stats``, the stat keys taken while listing (a row per path, in the groups' order), follow the rows.
     """
     codes = {name: i for i, name in enumerate(SPLITS)}
     rejected = [*kw.pop("rejected", ())]
