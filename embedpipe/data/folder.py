@@ -80,7 +80,7 @@ class Listing:
             stats = stat_many(names, dir_fd=handle) if _BY_FOLDER else stat_many([f"{directory}/{name}" for name in names])
             missing = stats[:, 0] == MISSING
             if missing.any():  # vanished since listed, unreadable, a broken symlink: an error for an image, else not ours
-                if bad := [name for name in np.asarray(names, dtype=object)[missing].tolist() if is_image(name)]:
+                if bad := [name for name, gone in zip(names, missing.tolist()) if gone and is_image(name)]:
                     raise DataError(f"cannot read {directory}/{bad[0]}: check it exists and is readable (a broken symlink?)")
                 names = [name for name, gone in zip(names, missing.tolist()) if not gone]
                 stats = stats[~missing]
@@ -105,8 +105,7 @@ class Listing:
                 os.close(handle)  # type: ignore[arg-type]
 
     def _add_files(self, names: list[str], stats: np.ndarray, rel: str) -> None:
-        suffixes = _SUFFIXES  # names are not hidden here: is_image's suffix test, inline
-        images = [name.lower().endswith(suffixes) for name in names]
+        images = [is_image(name) for name in names]
         if all(images):
             self.relpaths.extend([rel + name for name in names])
             self._blocks.append(stats[:, 1:])
