@@ -38,7 +38,7 @@ from .machine import resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     from .cache.export import ExportMeta
-    from .cache.store import Store
+    from .cache.store import Store, StoreIndex
 
 logger = logging.getLogger(__name__)
 
@@ -285,17 +285,21 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
         computed, seconds = 0, 0.0
         for attempt in range(3):
-            timings = _fill(store, dataset, digests, spec, device, run, ranks, progress)
-            computed, seconds = computed + sum(t[1] for t in timings), max(seconds, *(t[0] for t in timings))
+            index = store.index()
+            timings = _fill(store, index, dataset, digests, spec, device, run, ranks, progress)
+            new = sum(t[1] for t in timings)
+            computed, seconds = computed + new, max(seconds, *(t[0] for t in timings))
             if not ranks.is_main:
                 break
             if ranks.world > 1:
                 store.compact()
+            if new or ranks.world > 1:  # shards were written (and maybe merged): where each row is has changed
+                index = store.index()
             request = ExportRequest(paths=dataset.relpaths, labels=dataset.labels, rejected=dataset.rejected,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:
-                write_export(path, store, store.index(), request)
+                write_export(path, store, index, request)
                 break
             except ShardReadError as damaged:  # moved aside, then its rows are computed again
                 store.quarantine(damaged.shard, damaged.error)
@@ -305,13 +309,12 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
     return computed, seconds
 
 
-def _fill(store: Store, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
+def _fill(store: Store, index: StoreIndex, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
           ranks: Ranks, progress: ProgressFactory) -> list[tuple[float, int]]:
-    """Embed the images whose digests the store lacks, each rank its share; every rank's (seconds, images)."""
-    index = store.index()
+    """Embed the images whose digests the store (``index``, read by this rank) lacks, each rank its share; every rank's (seconds, images)."""
     ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
-    failed_before = np.array([d in index.errors for d in digests.tolist()], dtype=bool) if index.errors else None
-    if failed_before is not None:
+    failed_before = index.failed(digests)
+    if failed_before is not None and failed_before.any():
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
     missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
     rows = np.flatnonzero(missing)
@@ -361,11 +364,11 @@ def _compute(
     Returns:
         ``(seconds, images computed)``.
     """
+    if not len(paths):  # nothing to embed: torch and timm stay unimported
+        return 0.0, 0
     from .backbone import load_backbone
     from .inference import embed, prepare_model
 
-    if not len(paths):
-        return 0.0, 0
     model = prepare_model(load_backbone(spec.name, weights=spec.weights, pretrained=spec.pretrained), device, run)
     computed = 0
     written = 0

@@ -464,13 +464,13 @@ hex_digests = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
        asked=st.lists(hex_digests, max_size=10))
 def test_store_lookup_by_64_bit_key_finds_exactly_the_stored_digests(stored: list[str], prefixes: list[str], asked: list[str]) -> None:
     """StoreIndex finds rows by the digests' first 64 bits, then the whole digest: a dict says where each one is."""
-    from embedpipe.cache.store import StoreIndex
+    from embedpipe.cache.store import StoreIndex, digest_bytes
 
     # Digests sharing their first 16 hex digits (a 64-bit key collision) in runs, as a real store almost never has.
     shared = [f"{'0' * 16}{p}".ljust(64, "e") for p in prefixes]
     stored = sorted(set(stored) | set(shared))
-    digests = np.array([d.encode() for d in stored], dtype="S64")
-    index = StoreIndex(digests=digests, shard=np.zeros(len(stored), np.int32), row=np.arange(len(stored)), errors={}, shards=[])
+    digests = digest_bytes(np.array([d.encode() for d in stored], dtype="S64"))
+    index = StoreIndex(digests=digests, shard=np.zeros(len(stored), np.int32), row=np.arange(len(stored), dtype=np.int32), errors={}, shards=[])
     queries = [*asked, *shared, *stored[::3], f"{'0' * 16}{'1' * 48}"]
     at, found = index._positions(np.array([q.encode() for q in queries], dtype="S64"))
     where = {d: i for i, d in enumerate(stored)}

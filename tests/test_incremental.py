@@ -35,18 +35,24 @@ def _fresh(tree: Path, spec: BackboneSpec, run: RunConfig, tmp_path: Path) -> np
 
 def test_cache_hit_imports_neither_torch_nor_timm_nor_h5py(tree_copy: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    code = (
-        "import json, sys, embedpipe\n"
-        "spec = embedpipe.BackboneSpec(name='test_resnet', pretrained=False, preprocess={'input_size': 64}, precision='fp32')\n"
-        f"r = embedpipe.extract({str(tree_copy)!r}, spec, cache_dir={str(cache)!r}, run=embedpipe.RunConfig(device='auto', num_workers=0))\n"
-        "print(json.dumps({'hit': r.cache_hit, 'computed': r.computed, 'rows': r.num_images, "
-        "'imported': sorted(m for m in ('torch', 'timm', 'torchvision', 'h5py', 'urllib.request') if m in sys.modules)}))\n"
-    )
+
+    def extract(seed: int) -> dict:
+        code = (
+            "import json, sys, embedpipe\n"
+            "spec = embedpipe.BackboneSpec(name='test_resnet', pretrained=False, preprocess={'input_size': 64}, precision='fp32')\n"
+            f"r = embedpipe.extract({str(tree_copy)!r}, spec, cache_dir={str(cache)!r}, split=embedpipe.SplitConfig(seed={seed}), "
+            "run=embedpipe.RunConfig(device='auto', num_workers=0))\n"
+            "print(json.dumps({'hit': r.cache_hit, 'computed': r.computed, 'rows': r.num_images, "
+            "'imported': sorted(m for m in ('torch', 'timm', 'torchvision', 'h5py', 'urllib.request') if m in sys.modules)}))\n"
+        )
+        return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
     _settle(tree_copy)
-    runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-            for _ in range(2)]
+    runs = [extract(seed=0) for _ in range(2)]
     assert runs[0]["computed"] == 24 and {"h5py", "timm", "torch", "torchvision"} <= set(runs[0]["imported"])  # the test can fail
     assert runs[1] == {"hit": True, "computed": 0, "rows": 24, "imported": []}
+    # Another split: a new export, every row already in the store, so it is written without building the network.
+    assert extract(seed=1) == {"hit": False, "computed": 0, "rows": 24, "imported": ["h5py"]}
 
 
 def test_every_change_to_the_key_recomputes(tree_copy: Path, tmp_path: Path, spec: BackboneSpec, run: RunConfig) -> None:

@@ -127,15 +127,10 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 data = f[dataset_name_for(output)]
                 for start in range(0, n, CHUNK_ROWS):
                     sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
-            whole = len(ok) == len(digests)  # every row stored: the columns as they are, not copies
-            columns = {
-                "labels": np.asarray(request.labels, dtype=np.int64) if whole else np.asarray(request.labels)[ok].astype(np.int64),
-                "digests": digests if whole else digests[ok],
-                "errors/reasons": [index.errors.get(digests[i], "not computed") for i in failed.tolist()]
-                + [reason for _, reason in request.rejected],
-            }
-            for name, column in columns.items():
-                f.create_dataset(name, data=column, dtype=STR_DTYPE if name == "errors/reasons" else None)
+            _write_rows(f, "labels", np.asarray(request.labels, dtype=np.int64), ok)
+            _write_rows(f, "digests", digests, ok)
+            reasons = [index.errors.get(digests[i], "not computed") for i in failed.tolist()] + [reason for _, reason in request.rejected]
+            f.create_dataset("errors/reasons", data=reasons, dtype=STR_DTYPE)
             _write_text_column(f, "paths", request.paths, ok)
             if request.split is not None:
                 _write_text_column(f, "split", request.split, ok)
@@ -171,6 +166,17 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
 # outputs too (their chunks also carry HDF5's Fletcher-32). A flipped byte in a label, a path or a
 # digest is found when the file is opened, not only by ``cache verify``.
 CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons", ATTRIBUTES)
+
+
+def _write_rows(f: h5py.File, name: str, column: np.ndarray, rows: np.ndarray) -> None:
+    """A dataset of ``column[rows]``: the column itself when every row is kept, else gathered a block at a time (no full copy)."""
+    if len(rows) == len(column):
+        f.create_dataset(name, data=column)
+        return
+    data = f.create_dataset(name, shape=(len(rows),), dtype=column.dtype)
+    for start in range(0, len(rows), CHECK_ROWS):
+        part = rows[start : start + CHECK_ROWS]
+        data[start : start + len(part)] = column[part]
 
 
 def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:

@@ -48,29 +48,42 @@ class ShardReadError(CacheError):
 
 
 _LOOKUP_ROWS = 65536  # digests looked up at a time
-_NIBBLE = np.zeros(256, dtype=np.uint8)
+BINARY_DTYPE = "S32"  # a sha256 as its 32 bytes: how the store index holds digests (half the hex's 64)
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
 _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
-def digest_keys(digests: np.ndarray) -> np.ndarray:
-    """The first 16 hex digits of each digest (S64, lowercase hex) as a uint64: sorted digests give sorted keys."""
-    chars = np.ascontiguousarray(digests, dtype=DIGEST_DTYPE).view(np.uint8).reshape(-1, 64)[:, :16]
+def digest_bytes(digests: np.ndarray) -> np.ndarray:
+    """Hex digests (S64, lowercase, as stored) as their 32 bytes (S32), in the same order.
+
+    Raises:
+        ValueError: a digest that is not 64 lowercase hex digits (a damaged or foreign shard).
+    """
+    chars = np.ascontiguousarray(digests, dtype=DIGEST_DTYPE).view(np.uint8).reshape(-1, 64)
     nibbles = _NIBBLE[chars]
-    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])  # (N, 8) bytes, most significant first
-    return packed.view(">u8").ravel().astype(np.uint64)
+    if len(nibbles) and int(nibbles.max()) == 255:
+        raise ValueError("a digest that is not 64 lowercase hex digits")
+    return np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(BINARY_DTYPE).ravel()
+
+
+def digest_keys(binary: np.ndarray) -> np.ndarray:
+    """The first 64 bits of each binary digest (S32) as a uint64: sorted digests give sorted keys."""
+    words = np.ascontiguousarray(binary, dtype=BINARY_DTYPE).view(np.uint8).reshape(-1, 32)[:, :8]
+    return np.ascontiguousarray(words).view(">u8").ravel().astype(np.uint64)
 
 
 @dataclass
 class StoreIndex:
-    """Where each digest's row is, as sorted columns (no Python object per row).
+    """Where each digest's row is, as sorted columns (no Python object per row): 48 bytes a row.
 
-    ``digests`` holds every stored digest once, sorted; ``shard[i]`` (an index into ``shards``) and
-    ``row[i]`` locate ``digests[i]``. Images that failed to decode are in ``errors`` (digest -> reason).
+    ``digests`` holds every stored digest once, as its 32 bytes, sorted; ``shard[i]`` (an index into
+    ``shards``) and ``row[i]`` locate ``digests[i]``. Lookups take hex digests (S64), as the rest of the
+    cache holds them. Images that failed to decode are in ``errors`` (hex digest -> reason).
     """
 
-    digests: np.ndarray  # S64 (M,), sorted, unique
+    digests: np.ndarray  # S32 (M,), sorted, unique
     shard: np.ndarray  # int32 (M,)
-    row: np.ndarray  # int64 (M,)
+    row: np.ndarray  # int32 (M,): a shard holds at most COMPACT_ROWS rows
     errors: dict[bytes, str]
     shards: list[Path]
     keys: np.ndarray = field(init=False, repr=False)  # uint64 (M,): each digest's first 64 bits, sorted with them
@@ -78,17 +91,28 @@ class StoreIndex:
     def __post_init__(self) -> None:
         self.keys = digest_keys(self.digests)
 
+    def failed(self, digests: np.ndarray) -> np.ndarray | None:
+        """Which of ``digests`` (S64) failed to decode when they were computed; None when none ever did."""
+        if not self.errors:
+            return None
+        known = np.sort(np.array(list(self.errors), dtype=DIGEST_DTYPE))
+        failed = np.empty(len(digests), dtype=bool)
+        for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: no bytes object per row
+            part = np.asarray(digests[start : start + _LOOKUP_ROWS], dtype=DIGEST_DTYPE)
+            at = np.minimum(np.searchsorted(known, part), len(known) - 1)
+            failed[start : start + len(part)] = known[at] == part
+        return failed
+
     def _positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        digests = np.asarray(digests, dtype=DIGEST_DTYPE)
         at = np.empty(len(digests), dtype=np.int64)
         found = np.empty(len(digests), dtype=bool)
         for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the keys' scratch stays small
             part = slice(start, start + _LOOKUP_ROWS)
-            at[part], found[part] = self._block_positions(digests[part])
+            at[part], found[part] = self._block_positions(digest_bytes(digests[part]))
         return at, found
 
     def _block_positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # Searched by 64-bit key (16x faster than comparing 64-byte strings), then the whole digest compared.
+        # ``digests`` binary (S32). Searched by 64-bit key (16x faster than comparing the digests), then the whole digest compared.
         keys = digest_keys(digests)
         at = np.searchsorted(self.keys, keys)
         found = at < len(self.digests)
@@ -193,7 +217,7 @@ class Store:
             try:
                 with h5py.File(shard, "r") as f:
                     _row_layout(f, self.config)
-                    digests = f["digests"][:].astype(DIGEST_DTYPE)
+                    digests = digest_bytes(f["digests"][:])
                     if f.attrs.get("cache_key") != self.key:
                         raise ValueError("written under another embedding config")
                     shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
@@ -209,14 +233,14 @@ class Store:
         self.save_checked()
         lengths = [len(p) for p in parts]
         starts = np.cumsum([0, *lengths])
-        every = np.empty(int(starts[-1]), dtype=DIGEST_DTYPE)
+        every = np.empty(int(starts[-1]), dtype=BINARY_DTYPE)
         for i, part in enumerate(parts):  # each shard's part freed once copied: one copy of the digests at a time
             every[starts[i] : starts[i + 1]] = part
             parts[i] = every[:0]
         del parts
         # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
         # read from its first shard in name order, as a stable sort keeps it first among equals. The
-        # digests are then sorted in place (not gathered through the order: a second 64 B/row copy).
+        # digests are then sorted in place (not gathered through the order: a second copy).
         order = np.argsort(every, kind="stable")
         every.sort()
         first = np.ones(len(every), dtype=bool)  # the first of each run of equal digests (one sort, not np.unique's second)
@@ -224,8 +248,8 @@ class Store:
         chosen = order if first.all() else order[first]
         del order
         shard = (np.searchsorted(starts, chosen, side="right") - 1).astype(np.int32)  # row positions -> shard, row
-        return StoreIndex(digests=every if first.all() else every[first], shard=shard, row=chosen - starts[shard],
-                          errors=errors, shards=shards)
+        return StoreIndex(digests=every if first.all() else every[first], shard=shard,
+                          row=(chosen - starts[shard]).astype(np.int32), errors=errors, shards=shards)
 
     def _checked_shards(self) -> dict[str, list[int]]:
         if self._checked is None:
