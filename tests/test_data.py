@@ -929,3 +929,10 @@ def test_packed_strings_hold_what_was_packed() -> None:
     words = ["".join(rng.choice(list("abcé/"), size=int(n))) for n in rng.integers(0, 12, 500)]
     picks = rng.integers(0, 500, 2000)
     assert PackedStrings.pack(words).take(picks).tolist() == [words[i] for i in picks.tolist()]
+    # A prefix joined in, columns end to end, UTF-8 validity: against the strings built one by one.
+    for prefix in ("", "class/", "dé/"):
+        assert PackedStrings.pack(strings, prefix=prefix).tolist() == [prefix + s for s in strings]
+    parts = [PackedStrings.pack(words[:7], prefix="é/"), PackedStrings.pack([]), PackedStrings.pack(strings), PackedStrings.pack(words[7:])]
+    assert PackedStrings.concat(parts).tolist() == ["é/" + w for w in words[:7]] + strings + words[7:]
+    assert PackedStrings.concat([]).tolist() == [] and PackedStrings.concat(parts[:1]) is parts[0]
+    assert PackedStrings.pack(words).is_utf8() and not packed.is_utf8()  # the surrogate stands for a byte that is not UTF-8

@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import DataError
 from .filestat import MISSING, stat_many
 from .records import IMAGE_EXTENSIONS, SPLITS, UNLABELLED, Dataset, is_utf8, make_dataset
+from .strings import PackedStrings
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +42,24 @@ class Listing:
     """
 
     def __init__(self) -> None:
-        self.relpaths: list[str] = []
+        self._names: list[PackedStrings] = []  # the relative paths of the current add, a block per run of files
         self._blocks: list[np.ndarray] = []
         self._seen: set[tuple[int, int]] = set()  # (device, inode) of each folder listed: a symlink loop is listed once
 
-    def add(self, folder: str, prefix: str = "") -> list[str]:
+    def add(self, folder: str, prefix: str = "") -> PackedStrings:
         """Lists the images below ``folder`` (relative paths ``prefix`` + forward-slash path, sorted); returns them.
 
-        Hidden entries are skipped; symlinked folders are followed.
+        Packed a folder at a time, so no ``str`` per path outlives its folder's listing (a million
+        paths as ``str`` are about 80 MB; packed, 31 MB). Hidden entries are skipped; symlinked
+        folders are followed.
 
         Raises:
             DataError: a folder cannot be listed or a file in it cannot be stat'ed, named in the message.
         """
-        start = len(self.relpaths)
+        self._names = []
         self._scan(folder, prefix)
-        return self.relpaths[start:]
+        added, self._names = PackedStrings.concat(self._names), []
+        return added
 
     def stats(self) -> np.ndarray:
         """The stat key of every file listed, int64 ``(N, 4)``: size, mtime_ns, ctime_ns, inode (as :func:`~embedpipe.cache.index.stat_files`)."""
@@ -107,10 +111,10 @@ class Listing:
     def _add_files(self, names: list[str], stats: np.ndarray, rel: str) -> None:
         images = [is_image(name) for name in names]
         if all(images):
-            self.relpaths.extend([rel + name for name in names])
+            self._names.append(PackedStrings.pack(names, prefix=rel))
             self._blocks.append(stats[:, 1:])
         elif any(images):
-            self.relpaths.extend([rel + name for name, image in zip(names, images) if image])
+            self._names.append(PackedStrings.pack([name for name, image in zip(names, images) if image], prefix=rel))
             self._blocks.append(stats[np.asarray(images, dtype=bool), 1:])
 
 
@@ -150,7 +154,7 @@ def load_folder(root: Path) -> Dataset:
 
 
 def load_split_folders(root: Path, split_dirs: list[Path]) -> Dataset:
-    found: dict[tuple[str, str], list[str]] = {}
+    found: dict[tuple[str, str], PackedStrings] = {}
     listing = Listing()
     for split_dir in split_dirs:
         loose = [p for p in split_dir.iterdir() if p.is_file() and is_image(p.name)]

@@ -189,37 +189,41 @@ def shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def make_dataset(root: Path | str, layout: str, groups: list[tuple[list[str], int, str | None]], *,
+def make_dataset(root: Path | str, layout: str, groups: list[tuple[Sequence[str], int, str | None]], *,
                  stats: np.ndarray | None = None, **kw: Any) -> Dataset:
     """A dataset from groups of relative paths that share a label and a split, sorted by path.
 
-    Each group must be sorted already (a folder listing is). Columns are built straight from the
-    groups (no tuple per image), and groups that follow each other in order are not sorted again.
-    ``stats``, the stat keys taken while listing (a row per path, in the groups' order), follow the rows.
+    Each group (a list of ``str`` or a :class:`PackedStrings`) must be sorted already (a folder listing
+    is). Columns are built straight from the groups (no tuple per image), and groups that follow
+    each other in order are not sorted again. ``stats``, the stat keys taken while listing (a row per
+    path, in the groups' order), follow the rows.
     """
     codes = {name: i for i, name in enumerate(SPLITS)}
     rejected = [*kw.pop("rejected", ())]
-    relpaths = [relpath for paths, _, _ in groups for relpath in paths]
     counts = [len(paths) for paths, _, _ in groups]
     labels = np.repeat(np.array([label for _, label, _ in groups], dtype=np.int64), counts)
     split_codes = np.repeat(np.array([codes.get(split, -1) for _, _, split in groups], dtype=np.int8), counts)
-    if not all(is_utf8("".join(paths)) for paths, _, _ in groups):  # one check per group, not per path
-        keep = np.array([is_utf8(relpath) for relpath in relpaths], dtype=bool)
-        rejected += [(shown(relpath), NOT_UTF8) for relpath, kept in zip(relpaths, keep.tolist()) if not kept]
-        relpaths = [relpath for relpath, kept in zip(relpaths, keep.tolist()) if kept]
+    packed = [PackedStrings.pack(paths) for paths, _, _ in groups]
+    relpaths = PackedStrings.concat(packed)
+    if not all(group.is_utf8() for group in packed):  # one check per group, not per path
+        every = relpaths.tolist()
+        keep = np.array([is_utf8(relpath) for relpath in every], dtype=bool)
+        rejected += [(shown(relpath), NOT_UTF8) for relpath, kept in zip(every, keep.tolist()) if not kept]
+        relpaths = PackedStrings.pack([relpath for relpath, kept in zip(every, keep.tolist()) if kept])
         labels, split_codes = labels[keep], split_codes[keep]
         stats = stats[keep] if stats is not None else None
+    del packed
     if rejected:
         kw["rejected"] = tuple(sorted(rejected))
     # Each group is sorted (a folder listing is): the rows are in order when the groups' ends are.
-    ends = [(paths[0], paths[-1]) for paths, _, _ in groups if paths]
+    ends = [(paths[0], paths[-1]) for paths, _, _ in groups if len(paths)]
     if any(a[1] > b[0] for a, b in zip(ends, ends[1:])):
-        order = np.array(sorted(range(len(relpaths)), key=relpaths.__getitem__), dtype=np.int64)
-        relpaths = [relpaths[i] for i in order.tolist()]
+        every = relpaths.tolist()
+        order = np.array(sorted(range(len(every)), key=every.__getitem__), dtype=np.int64)
+        relpaths = relpaths.take(order)
         labels, split_codes = labels[order], split_codes[order]
         stats = stats[order] if stats is not None else None
-    return Dataset(root=root, layout=layout, relpaths=PackedStrings.pack(relpaths), labels=labels, split_codes=split_codes,
-                   stats=stats, **kw)
+    return Dataset(root=root, layout=layout, relpaths=relpaths, labels=labels, split_codes=split_codes, stats=stats, **kw)
 
 
 def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitConfig) -> np.ndarray:

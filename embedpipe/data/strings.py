@@ -26,16 +26,40 @@ class PackedStrings(Sequence[str]):
         self.blob, self.offsets = blob, offsets
 
     @classmethod
-    def pack(cls, strings: Iterable[str]) -> PackedStrings:
-        """Pack strings (a PackedStrings is returned as it is)."""
-        if isinstance(strings, PackedStrings):
+    def pack(cls, strings: Iterable[str], prefix: str = "") -> PackedStrings:
+        """Pack strings, each with ``prefix`` before it (a PackedStrings without a prefix is returned as it is).
+
+        The prefix is joined in, not added to each string: a folder's names become relative paths
+        with no ``str`` made per path.
+        """
+        if isinstance(strings, PackedStrings) and not prefix:
             return strings
         strings = strings if isinstance(strings, (list, tuple)) else list(strings)
-        joined = "".join(strings).encode("utf-8", _ERRORS)
-        lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings))
+        joined = (prefix + prefix.join(strings) if strings else "").encode("utf-8", _ERRORS)
+        extra = len(prefix.encode("utf-8", _ERRORS))
+        lengths = np.fromiter(map(len, strings), dtype=np.int64, count=len(strings)) + extra
         if len(joined) != int(lengths.sum()):  # some non-ASCII text: byte lengths differ from character counts
-            lengths = np.fromiter((len(s.encode("utf-8", _ERRORS)) for s in strings), dtype=np.int64, count=len(strings))
+            lengths = np.fromiter((len(s.encode("utf-8", _ERRORS)) + extra for s in strings), dtype=np.int64, count=len(strings))
         return cls(np.frombuffer(joined, dtype=np.uint8), np.cumsum(lengths))
+
+    @classmethod
+    def concat(cls, columns: Sequence[PackedStrings]) -> PackedStrings:
+        """One column of ``columns`` end to end (one copy of their bytes)."""
+        if len(columns) == 1:
+            return columns[0]
+        if not columns:
+            return cls(np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.int64))
+        shifts = np.cumsum([0, *(len(c.blob) for c in columns[:-1])])
+        return cls(np.concatenate([c.blob for c in columns]),
+                   np.concatenate([c.offsets + shift for c, shift in zip(columns, shifts.tolist())]))
+
+    def is_utf8(self) -> bool:
+        """Whether every string is valid UTF-8 (names the file system gave with other bytes are not)."""
+        try:
+            self.blob.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self.offsets)
