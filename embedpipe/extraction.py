@@ -285,7 +285,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
         computed, seconds = 0, 0.0
         for attempt in range(3):
-            index = store.index()
+            index = store.index(digests)
             timings = _fill(store, index, dataset, digests, spec, device, run, ranks, progress)
             new = sum(t[1] for t in timings)
             computed, seconds = computed + new, max(seconds, *(t[0] for t in timings))
@@ -294,7 +294,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
             if ranks.world > 1:
                 store.compact()
             if new or ranks.world > 1:  # shards were written (and maybe merged): where each row is has changed
-                index = store.index()
+                index = store.index(digests)
             request = ExportRequest(paths=dataset.relpaths, labels=dataset.labels, rejected=dataset.rejected,
                                     split=[name or "" for name in dataset.splits] if dataset.has_split else None,
                                     digests=digests, meta=meta)
@@ -311,12 +311,12 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
 
 def _fill(store: Store, index: StoreIndex, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
           ranks: Ranks, progress: ProgressFactory) -> list[tuple[float, int]]:
-    """Embed the images whose digests the store (``index``, read by this rank) lacks, each rank its share; every rank's (seconds, images)."""
+    """Embed the images whose digests the store lacks (``index``: this rank's :meth:`Store.index` of them), each rank its share; every rank's (seconds, images)."""
     ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
     failed_before = index.failed(digests)
     if failed_before is not None and failed_before.any():
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
-    missing = ~index.has_rows(digests) if failed_before is None else ~index.has_rows(digests) & ~failed_before
+    missing = ~index.stored() if failed_before is None else ~index.stored() & ~failed_before
     rows = np.flatnonzero(missing)
     todo = rows[_first_of_each(digests if len(rows) == len(digests) else digests[rows])]  # an image stored twice is embedded once
     mine = ranks.share(todo, _groups(dataset.paths, todo, ranks))

@@ -229,8 +229,8 @@ def test_compaction_keeps_every_row_and_error_and_streams(tmp_path: Path) -> Non
     tracemalloc.stop()
     assert len(store.shards()) == 1 and verify_store(store.root) == []
     assert peak < 3 * rows * width * 4, f"compaction held {peak} bytes: more than a shard or two of rows"  # all: 8 shards
-    index = store.index()
-    np.testing.assert_array_equal(store.read_rows(index, digests[::-1], "embedding"), embeddings[::-1])
+    index = store.index(digests[::-1])
+    np.testing.assert_array_equal(store.read_rows(index, np.arange(len(digests)), "embedding"), embeddings[::-1])
     assert sorted(index.errors.values()) == [f"reason {s}" for s in range(shards)]
 
 
@@ -243,10 +243,10 @@ def test_a_damaged_shard_is_never_merged_into_a_fresh_one(tmp_path: Path) -> Non
     store._checked = None  # a new process: nothing remembered about the edited shard's stat
     (store.root / "checked.json").unlink(missing_ok=True)
     store.compact(force=True)
-    index = store.index()
-    assert not index.has_rows(digests[50:100]).any() and index.has_rows(digests[:50]).all()
+    index = store.index(digests)
+    assert not index.stored()[50:100].any() and index.stored()[:50].all()
     assert list((store.root / "quarantine").glob("*.h5"))
-    np.testing.assert_array_equal(store.read_rows(index, digests[100:], "embedding"), embeddings[100:])
+    np.testing.assert_array_equal(store.read_rows(index, np.arange(100, len(digests)), "embedding"), embeddings[100:])
 
 
 def test_a_file_index_left_mid_write_by_a_killed_process_is_not_damage(clean: tuple[Path, Path, bytes], tmp_path: Path) -> None:

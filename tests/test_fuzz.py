@@ -206,9 +206,9 @@ def test_a_damaged_shard_is_moved_aside_or_serves_the_same_rows(artifacts: dict[
         store = Store(cache, config)
 
         def use() -> tuple[np.ndarray, np.ndarray]:
-            index = store.index()
-            held = index.has_rows(digests)
-            return held, store.read_rows(index, digests[held], "embeddings") if held.any() else np.empty((0, 0))
+            index = store.index(digests)
+            held = index.stored()
+            return held, store.read_rows(index, np.flatnonzero(held), "embeddings") if held.any() else np.empty((0, 0))
 
         status, value = bounded(shards[0].stat().st_size if shards[0].exists() else 0, use)
         moved = list((cache / "store" / store_folder.name / "quarantine").glob("*.h5"))
@@ -459,20 +459,40 @@ def torch_equal(a: Any, b: Any) -> bool:
 hex_digests = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 
 
-@settings(max_examples=200, deadline=None)
-@given(stored=st.lists(hex_digests, max_size=40, unique=True), prefixes=st.lists(st.text("01", min_size=1, max_size=3), max_size=4),
-       asked=st.lists(hex_digests, max_size=10))
-def test_store_lookup_by_64_bit_key_finds_exactly_the_stored_digests(stored: list[str], prefixes: list[str], asked: list[str]) -> None:
-    """StoreIndex finds rows by the digests' first 64 bits, then the whole digest: a dict says where each one is."""
-    from embedpipe.cache.store import StoreIndex, digest_bytes
+@settings(max_examples=100, deadline=None)
+@given(shards=st.lists(st.lists(hex_digests, max_size=12), min_size=1, max_size=4), prefixes=st.lists(st.text("01", min_size=1, max_size=5), max_size=30),
+       asked=st.lists(hex_digests, max_size=10), picks=st.lists(st.integers(0, 60), max_size=30))
+def test_store_index_finds_each_digest_asked_in_its_first_shard(shards: list[list[str]], prefixes: list[str], asked: list[str],
+                                                                 picks: list[int]) -> None:
+    """Store.index matches digests by their first 64 bits, then whole: a dict of (first shard, first row) says where each is.
 
-    # Digests sharing their first 16 hex digits (a 64-bit key collision) in runs, as a real store almost never has.
+    Digests sharing their first 16 hex digits (a 64-bit key collision) in runs, as a real store almost
+    never has; digests in two shards and twice in one; digests asked for twice (an image at two paths).
+    """
+    import time
+
+    from embedpipe.cache.store import Store
+    from embedpipe.config import EmbeddingConfig, PreprocessConfig
+
     shared = [f"{'0' * 16}{p}".ljust(64, "e") for p in prefixes]
-    stored = sorted(set(stored) | set(shared))
-    digests = digest_bytes(np.array([d.encode() for d in stored], dtype="S64"))
-    index = StoreIndex(digests=digests, shard=np.zeros(len(stored), np.int32), row=np.arange(len(stored), dtype=np.int32), errors={}, shards=[])
-    queries = [*asked, *shared, *stored[::3], f"{'0' * 16}{'1' * 48}"]
-    at, found = index._positions(np.array([q.encode() for q in queries], dtype="S64"))
-    where = {d: i for i, d in enumerate(stored)}
-    assert found.tolist() == [q in where for q in queries]
-    assert [int(a) for a, f in zip(at, found) if f] == [where[q] for q in queries if q in where]
+    shards = [part + shared[: 8 * i + 1] for i, part in enumerate(shards)]  # runs longer than _Wanted._PAIRS too
+    with tempfile.TemporaryDirectory() as tmp:
+        preprocess = PreprocessConfig(input_size=(3, 8, 8), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
+                                      crop_pct=1.0, crop_mode="center")
+        store = Store(tmp, EmbeddingConfig(backbone="b", weights="random:0", preprocess=preprocess, dtype="float32"))
+        store.create()
+        where: dict[str, tuple[int, int]] = {}
+        for s, part in enumerate(shards):
+            values = np.arange(len(part), dtype=np.float32)[:, None] + 100 * s
+            store.write_shard(np.array([d.encode() for d in part], dtype="S64"), {"embedding": values})
+            for r, d in enumerate(part):
+                where.setdefault(d, (s, r))
+            time.sleep(0.001)  # shard names are ordered by the time they were written
+        every = sorted(where)
+        queries = [*asked, *shared, *(every[p % len(every)] for p in picks if every), f"{'0' * 16}{'1' * 48}"]
+        index = store.index(np.array([q.encode() for q in queries], dtype="S64"))
+        assert index.stored().tolist() == [q in where for q in queries]
+        found = np.flatnonzero(index.stored())
+        expected = [100 * where[queries[i]][0] + where[queries[i]][1] for i in found.tolist()]
+        if len(found):
+            assert store.read_rows(index, found, "embedding")[:, 0].tolist() == expected

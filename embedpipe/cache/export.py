@@ -88,11 +88,13 @@ def export_name(dataset_name: str, backbone: str, fingerprint: str) -> str:
 def write_export(path: Path, store: Store, index: StoreIndex, request: ExportRequest) -> None:
     """Write the exported file atomically, streaming rows chunk by chunk.
 
+    ``index`` is :meth:`Store.index` of ``request.digests``.
+
     Images whose decoding failed are left out of the arrays and listed under
     ``errors/``, so every row stays aligned with its path.
     """
     digests = np.asarray(request.digests, dtype=DIGEST_DTYPE)
-    stored = index.has_rows(digests)
+    stored = index.stored()
     ok, failed = np.flatnonzero(stored), np.flatnonzero(~stored)
     dims = {output: store.width(index, output) for output in store.config.outputs}
     row_bytes = sum(dims.values()) * np.dtype(store.config.dtype).itemsize
@@ -121,7 +123,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 )
                 for start in range(0, n, CHUNK_ROWS):
                     chunk = ok[start : start + CHUNK_ROWS]
-                    out[start : start + len(chunk)] = store.read_rows(index, digests[chunk], output, files=shard_files)
+                    out[start : start + len(chunk)] = store.read_rows(index, chunk, output, files=shard_files)
             sums = {name: hashlib.sha256() for name in (*(dataset_name_for(o) for o in store.config.outputs), *CHECKSUMMED)}
             for output in store.config.outputs:  # the rows as stored, chunk by chunk (no second copy in memory)
                 data = f[dataset_name_for(output)]

@@ -8,6 +8,7 @@ trials), so nothing here depends on it. Small shards are merged (compacted) as t
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import io
@@ -17,7 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -47,49 +48,46 @@ class ShardReadError(CacheError):
                          "rerun `embedpipe extract`, which moves it aside and recomputes its rows")
 
 
-_LOOKUP_ROWS = 65536  # digests looked up at a time
-BINARY_DTYPE = "S32"  # a sha256 as its 32 bytes: how the store index holds digests (half the hex's 64)
+_LOOKUP_ROWS = 65536  # digests keyed at a time
 _NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
 _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
-def digest_bytes(digests: np.ndarray) -> np.ndarray:
-    """Hex digests (S64, lowercase, as stored) as their 32 bytes (S32), in the same order.
+def digest_keys(digests: np.ndarray) -> np.ndarray:
+    """The first 16 hex digits of each digest (S64, lowercase hex) as a uint64.
 
     Raises:
-        ValueError: a digest that is not 64 lowercase hex digits (a damaged or foreign shard).
+        ValueError: a digest whose first 16 characters are not lowercase hex (a damaged or foreign shard).
     """
-    chars = np.ascontiguousarray(digests, dtype=DIGEST_DTYPE).view(np.uint8).reshape(-1, 64)
-    nibbles = _NIBBLE[chars]
-    if len(nibbles) and int(nibbles.max()) == 255:
-        raise ValueError("a digest that is not 64 lowercase hex digits")
-    return np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view(BINARY_DTYPE).ravel()
-
-
-def digest_keys(binary: np.ndarray) -> np.ndarray:
-    """The first 64 bits of each binary digest (S32) as a uint64: sorted digests give sorted keys."""
-    words = np.ascontiguousarray(binary, dtype=BINARY_DTYPE).view(np.uint8).reshape(-1, 32)[:, :8]
-    return np.ascontiguousarray(words).view(">u8").ravel().astype(np.uint64)
+    keys = np.empty(len(digests), dtype=np.uint64)
+    for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the scratch stays small
+        part = np.ascontiguousarray(digests[start : start + _LOOKUP_ROWS], dtype=DIGEST_DTYPE)
+        nibbles = _NIBBLE[part.view(np.uint8).reshape(-1, 64)[:, :16]]
+        if len(nibbles) and int(nibbles.max()) == 255:
+            raise ValueError("a digest that is not lowercase hex")
+        packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])  # (n, 8) bytes, most significant first
+        keys[start : start + len(part)] = packed.view(">u8").ravel()
+    return keys
 
 
 @dataclass
 class StoreIndex:
-    """Where each digest's row is, as sorted columns (no Python object per row): 48 bytes a row.
+    """Where the store holds each of some digests (a dataset's, in its order): 8 bytes a row.
 
-    ``digests`` holds every stored digest once, as its 32 bytes, sorted; ``shard[i]`` (an index into
-    ``shards``) and ``row[i]`` locate ``digests[i]``. Lookups take hex digests (S64), as the rest of the
-    cache holds them. Images that failed to decode are in ``errors`` (hex digest -> reason).
+    Built by :meth:`Store.index` from every shard's digests, a shard at a time, against the digests
+    asked for, so it grows with the dataset, not with the store, and holds no copy of any digest.
+    ``shard[i]`` (an index into ``shards``, -1 when no shard holds it) and ``row[i]`` locate the
+    ``i``-th digest asked for. Images that failed to decode are in ``errors`` (digest -> reason).
     """
 
-    digests: np.ndarray  # S32 (M,), sorted, unique
-    shard: np.ndarray  # int32 (M,)
-    row: np.ndarray  # int32 (M,): a shard holds at most COMPACT_ROWS rows
+    shard: np.ndarray  # int32 (N,), -1: not stored
+    row: np.ndarray  # int32 (N,): a shard holds at most COMPACT_ROWS rows
     errors: dict[bytes, str]
     shards: list[Path]
-    keys: np.ndarray = field(init=False, repr=False)  # uint64 (M,): each digest's first 64 bits, sorted with them
 
-    def __post_init__(self) -> None:
-        self.keys = digest_keys(self.digests)
+    def stored(self) -> np.ndarray:
+        """Which of the digests asked for have a stored row: bool (N,)."""
+        return self.shard >= 0
 
     def failed(self, digests: np.ndarray) -> np.ndarray | None:
         """Which of ``digests`` (S64) failed to decode when they were computed; None when none ever did."""
@@ -103,44 +101,46 @@ class StoreIndex:
             failed[start : start + len(part)] = known[at] == part
         return failed
 
-    def _positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        at = np.empty(len(digests), dtype=np.int64)
-        found = np.empty(len(digests), dtype=bool)
-        for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the keys' scratch stays small
-            part = slice(start, start + _LOOKUP_ROWS)
-            at[part], found[part] = self._block_positions(digest_bytes(digests[part]))
-        return at, found
 
-    def _block_positions(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # ``digests`` binary (S32). Searched by 64-bit key (16x faster than comparing the digests), then the whole digest compared.
-        keys = digest_keys(digests)
-        at = np.searchsorted(self.keys, keys)
-        found = at < len(self.digests)
-        found[found] = self.digests[at[found]] == digests[found]
-        # Two digests may share their first 64 bits (odds about N^2 / 2^65: one in 10^5 at 10M images);
-        # then the row asked for can sit further on in the run of equal keys.
-        for i in np.flatnonzero(~found & (at < len(self.keys))).tolist():
-            j = int(at[i])
-            while j < len(self.keys) and self.keys[j] == keys[i]:
-                if self.digests[j] == digests[i]:
-                    at[i], found[i] = j, True
-                    break
-                j += 1
-        return at, found
+class _Wanted:
+    """The digests asked of a store, in sorted order, matched against one shard's digests at a time."""
 
-    def has_rows(self, digests: np.ndarray) -> np.ndarray:
-        """Which of ``digests`` (S64) have a stored row: bool, same shape."""
-        return self._positions(digests)[1]
+    _PAIRS = 16  # a run of up to this many equal keys is compared pair by pair; a longer one is bisected
 
-    def locate(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(shard index, row)`` of each of ``digests``, all of which must have rows."""
-        at, found = self._positions(digests)
-        if not found.all():
-            raise CacheError("internal: rows asked for digests the store does not hold")
-        return self.shard[at], self.row[at]
+    def __init__(self, digests: np.ndarray) -> None:
+        self.digests = digests
+        order = np.argsort(digests, kind="stable")  # sorted by the whole digest, so a run of equal keys can be bisected
+        self.order = order.astype(np.int32) if len(digests) < 2**31 else order
+        del order
+        self.keys = np.empty(len(digests), dtype=np.uint64)
+        for start in range(0, len(digests), _LOOKUP_ROWS):  # sorted digests give sorted keys; no sorted copy of the digests
+            self.keys[start : start + _LOOKUP_ROWS] = digest_keys(digests[self.order[start : start + _LOOKUP_ROWS]])
 
-    def __contains__(self, digest: bytes) -> bool:
-        return digest in self.errors or bool(self.has_rows(np.array([digest], dtype=DIGEST_DTYPE))[0])
+    def match(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(positions asked, rows of stored)`` of every pair whose whole digests are equal.
+
+        Searched by 64-bit key (16x faster than comparing 64-byte strings), then the whole digests
+        compared. A digest asked for twice (an image at two paths) and digests sharing their first
+        64 bits (odds about N^2 / 2^65 for real ones: one in 10^5 at 10M images) make a run of equal
+        keys: a short run is compared pair by pair, a long one bisected by whole digest.
+        """
+        keys = digest_keys(stored)
+        first, last = np.searchsorted(self.keys, keys, "left"), np.searchsorted(self.keys, keys, "right")
+        counts = last - first
+        short = np.where(counts <= self._PAIRS, counts, 0)
+        stored_rows = np.repeat(np.arange(len(stored), dtype=np.int64), short)
+        within = np.arange(len(stored_rows), dtype=np.int64) - np.repeat(np.cumsum(short) - short, short)
+        asked = self.order[np.repeat(first, short) + within]
+        same = self.digests[asked] == stored[stored_rows]
+        found_asked, found_rows = [asked[same]], [stored_rows[same]]
+        for r in np.flatnonzero(counts > self._PAIRS).tolist():
+            run = range(int(first[r]), int(last[r]))
+            digest = bytes(stored[r])
+            lo = bisect.bisect_left(run, digest, key=lambda i: bytes(self.digests[self.order[i]]))
+            hi = bisect.bisect_right(run, digest, key=lambda i: bytes(self.digests[self.order[i]]))
+            found_asked.append(self.order[run.start + lo : run.start + hi])
+            found_rows.append(np.full(hi - lo, r, dtype=np.int64))
+        return np.concatenate(found_asked), np.concatenate(found_rows)
 
 
 class Store:
@@ -207,49 +207,38 @@ class Store:
     def shards(self) -> list[Path]:
         return visible_h5(self.shard_dir)
 
-    def index(self) -> StoreIndex:
-        """Read every committed shard's digests (not its data) into sorted columns."""
-        parts: list[np.ndarray] = []
+    def index(self, digests: np.ndarray) -> StoreIndex:
+        """Where each of ``digests`` (S64) is stored, read from every committed shard's digests (not its data).
+
+        A digest stored twice (compaction writes the merged shard before deleting the small ones) is
+        read from its first shard in name order. A damaged shard is moved aside (its rows computed again).
+        """
+        wanted = _Wanted(np.asarray(digests, dtype=DIGEST_DTYPE))
+        shard = np.full(len(digests), -1, dtype=np.int32)
+        row = np.zeros(len(digests), dtype=np.int32)
         errors: dict[bytes, str] = {}
         kept: list[Path] = []
-        for shard in self.shards():
-            kept.append(shard)
+        for path in self.shards():
             try:
-                with h5py.File(shard, "r") as f:
+                with h5py.File(path, "r") as f:
                     _row_layout(f, self.config)
-                    digests = digest_bytes(f["digests"][:])
+                    stored = f["digests"][:].astype(DIGEST_DTYPE)
                     if f.attrs.get("cache_key") != self.key:
                         raise ValueError("written under another embedding config")
                     shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
-                    self._check(shard, f)
-                parts.append(digests)
-                for digest, reason in shard_errors:
-                    errors.setdefault(digest, reason)
-                continue
+                    self._check(path, f)
+                    asked, rows = wanted.match(stored)
             except DAMAGED as error:
-                self.quarantine(shard, error)
-                kept.pop()
-        shards = kept
+                self.quarantine(path, error)
+                continue
+            new = shard[asked] < 0  # a row already found in an earlier shard keeps it
+            # Reversed, so that of a digest twice in one shard (a merge of shards that shared it) the first row is the one kept.
+            shard[asked[new][::-1]], row[asked[new][::-1]] = len(kept), rows[new][::-1]
+            kept.append(path)
+            for digest, reason in shard_errors:
+                errors.setdefault(digest, reason)
         self.save_checked()
-        lengths = [len(p) for p in parts]
-        starts = np.cumsum([0, *lengths])
-        every = np.empty(int(starts[-1]), dtype=BINARY_DTYPE)
-        for i, part in enumerate(parts):  # each shard's part freed once copied: one copy of the digests at a time
-            every[starts[i] : starts[i + 1]] = part
-            parts[i] = every[:0]
-        del parts
-        # A digest stored twice (compaction writes the merged shard before deleting the small ones) is
-        # read from its first shard in name order, as a stable sort keeps it first among equals. The
-        # digests are then sorted in place (not gathered through the order: a second copy).
-        order = np.argsort(every, kind="stable")
-        every.sort()
-        first = np.ones(len(every), dtype=bool)  # the first of each run of equal digests (one sort, not np.unique's second)
-        np.not_equal(every[1:], every[:-1], out=first[1:])
-        chosen = order if first.all() else order[first]
-        del order
-        shard = (np.searchsorted(starts, chosen, side="right") - 1).astype(np.int32)  # row positions -> shard, row
-        return StoreIndex(digests=every if first.all() else every[first], shard=shard,
-                          row=(chosen - starts[shard]).astype(np.int32), errors=errors, shards=shards)
+        return StoreIndex(shard=shard, row=row, errors=errors, shards=kept)
 
     def _checked_shards(self) -> dict[str, list[int]]:
         if self._checked is None:
@@ -422,21 +411,21 @@ class Store:
                     return int(data.shape[1])
         return 0
 
-    def read_rows(
-        self, index: StoreIndex, digests: np.ndarray, output: str, *, files: dict[Path, h5py.File] | None = None
-    ) -> np.ndarray:
-        """Rows for ``digests`` (S64, all with rows in ``index``), in that order, in the stored dtype.
+    def read_rows(self, index: StoreIndex, rows: np.ndarray, output: str, *, files: dict[Path, h5py.File] | None = None) -> np.ndarray:
+        """The stored ``output`` of the digests at positions ``rows`` of ``index`` (all stored), in that order and the stored dtype.
 
         Args:
             files: open shard handles to reuse across calls (the caller closes them);
                 without it each shard is opened and closed here.
         """
-        shard_ids, rows = index.locate(digests)
+        shard_ids, shard_rows_wanted = index.shard[rows], index.row[rows]
+        if len(shard_ids) and int(shard_ids.min()) < 0:
+            raise CacheError("internal: rows asked for digests the store does not hold")
         result: np.ndarray | None = None
         for shard_id in np.unique(shard_ids).tolist():
             shard = index.shards[shard_id]
             positions = np.flatnonzero(shard_ids == shard_id)
-            wanted_rows = rows[positions]
+            wanted_rows = shard_rows_wanted[positions]
             try:
                 with contextlib.ExitStack() as stack:
                     if files is None:
@@ -455,7 +444,7 @@ class Store:
             if not np.isfinite(block).all():
                 raise ShardReadError(shard, ValueError(f"non-finite {dataset_name_for(output)} rows"))
             if result is None:
-                result = np.empty((len(digests), block.shape[1]), dtype=block.dtype)
+                result = np.empty((len(rows), block.shape[1]), dtype=block.dtype)
             result[positions] = block
         if result is None:
             raise CacheError("internal: no rows requested")
