@@ -106,3 +106,19 @@ def test_bookkeeping_benchmark_runs_every_measurement(tmp_path: Path) -> None:
     assert record["incremental_images"] == 3 and record["incremental_computed"] == 3
     assert record["store_files"] > 0 and record["verify_seconds"] > 0 and record["list_stat_seconds"] > 0
     assert "hit/stat" in done.stdout
+
+
+@pytest.mark.slow
+def test_store_scale_benchmark_compacts_and_finds_every_row(tmp_path: Path) -> None:
+    """bench_store_scale at a toy size: shards pile up and are merged as the extract stage merges them, every row found."""
+    from embedpipe.cache.layout import COMPACT_SHARDS
+
+    out = tmp_path / "store.json"
+    rows, batch = 3 * COMPACT_SHARDS * 16 + 5, 16  # three rounds of compaction and a last short shard
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_store_scale.py"), "--rows", str(rows), "--batch", str(batch),
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())
+    assert record["rows"] == rows and record["shards"] < COMPACT_SHARDS  # merged, not one shard per batch
+    assert record["verify_seconds"] > 0 and record["index_bytes_per_row"] > 0
+    assert "files in the store" in done.stdout
