@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.workdir or tempfile.mkdtemp(prefix="embedpipe-store-")) / f"cache-{time.time_ns()}"
     preprocess = PreprocessConfig(input_size=(3, 32, 32), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3,
                                   crop_pct=1.0, crop_mode="center")
-    store = Store(cache, EmbeddingConfig(backbone="synthetic", weights="random:0", preprocess=preprocess))
+    store = Store(cache, EmbeddingConfig(backbone="synthetic", weights="random:0", preprocess=preprocess, dtype="float32"))  # row numbers exact
     store.create()
     image = cache / "one-file"  # the file index an extract leaves beside its store (verify reads it too)
     image.write_bytes(b"not an image: only hashed")
