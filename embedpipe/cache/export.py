@@ -129,15 +129,15 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                 data = f[dataset_name_for(output)]
                 for start in range(0, n, CHUNK_ROWS):
                     sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
-            _write_rows(f, "labels", np.asarray(request.labels, dtype=np.int64), ok)
-            _write_rows(f, "digests", digests, ok)
+            _write_column(f, "labels", np.asarray(request.labels, dtype=np.int64), ok)
+            _write_column(f, "digests", digests, ok)
             reasons = [index.errors.get(digests[i], "not computed") for i in failed.tolist()] + [reason for _, reason in request.rejected]
             f.create_dataset("errors/reasons", data=reasons, dtype=STR_DTYPE)
-            _write_text_column(f, "paths", request.paths, ok)
+            _write_column(f, "paths", request.paths, ok)
             if request.split is not None:
-                _write_text_column(f, "split", request.split, ok)
+                _write_column(f, "split", request.split, ok)
             ledger = [*(request.paths[i] for i in failed.tolist()), *(path for path, _ in request.rejected)]
-            _write_text_column(f, "errors/paths", ledger, np.arange(len(ledger)))
+            _write_column(f, "errors/paths", ledger, np.arange(len(ledger)))
             for name in CHECKSUMMED:
                 if name in f:
                     column_digest(f[name], sums[name])
@@ -170,23 +170,22 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
 CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons", ATTRIBUTES)
 
 
-def _write_rows(f: h5py.File, name: str, column: np.ndarray, rows: np.ndarray) -> None:
-    """A dataset of ``column[rows]``: the column itself when every row is kept, else gathered a block at a time (no full copy)."""
-    if len(rows) == len(column):
-        f.create_dataset(name, data=column)
+def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
+    """A dataset of ``values[rows]``, written in chunks so no full copy is held.
+
+    An array is numeric (its own dtype; written as it is when every row is kept); anything else is
+    text (UTF-8): a :class:`PackedStrings` or a list of ``str``.
+    """
+    if isinstance(values, np.ndarray) and len(rows) == len(values):
+        f.create_dataset(name, data=values)
         return
-    data = f.create_dataset(name, shape=(len(rows),), dtype=column.dtype)
-    for start in range(0, len(rows), CHECK_ROWS):
-        part = rows[start : start + CHECK_ROWS]
-        data[start : start + len(part)] = column[part]
-
-
-def _write_text_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
-    """A UTF-8 string dataset of ``values[rows]``, written in chunks so no full copy is held."""
-    data = f.create_dataset(name, shape=(len(rows),), dtype=STR_DTYPE)
+    data = f.create_dataset(name, shape=(len(rows),), dtype=values.dtype if isinstance(values, np.ndarray) else STR_DTYPE)
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS]
-        data[start : start + len(part)] = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
+        if isinstance(values, np.ndarray):
+            data[start : start + len(part)] = values[part]
+        else:
+            data[start : start + len(part)] = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:

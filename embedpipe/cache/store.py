@@ -133,11 +133,13 @@ class _Wanted:
         asked = self.order[np.repeat(first, short) + within]
         same = self.digests[asked] == stored[stored_rows]
         found_asked, found_rows = [asked[same]], [stored_rows[same]]
+        def sorted_digest(i: int) -> bytes:  # the i-th digest asked for, in sorted order
+            return bytes(self.digests[self.order[i]])
+
         for r in np.flatnonzero(counts > self._PAIRS).tolist():
             run = range(int(first[r]), int(last[r]))
             digest = bytes(stored[r])
-            lo = bisect.bisect_left(run, digest, key=lambda i: bytes(self.digests[self.order[i]]))
-            hi = bisect.bisect_right(run, digest, key=lambda i: bytes(self.digests[self.order[i]]))
+            lo, hi = bisect.bisect_left(run, digest, key=sorted_digest), bisect.bisect_right(run, digest, key=sorted_digest)
             found_asked.append(self.order[run.start + lo : run.start + hi])
             found_rows.append(np.full(hi - lo, r, dtype=np.int64))
         return np.concatenate(found_asked), np.concatenate(found_rows)
@@ -233,7 +235,8 @@ class Store:
                 continue
             new = shard[asked] < 0  # a row already found in an earlier shard keeps it
             # Reversed, so that of a digest twice in one shard (a merge of shards that shared it) the first row is the one kept.
-            shard[asked[new][::-1]], row[asked[new][::-1]] = len(kept), rows[new][::-1]
+            targets = asked[new][::-1]
+            shard[targets], row[targets] = len(kept), rows[new][::-1]
             kept.append(path)
             for digest, reason in shard_errors:
                 errors.setdefault(digest, reason)
