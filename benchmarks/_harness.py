@@ -13,6 +13,7 @@ keeps only what it measures:
 - the printed table (:meth:`Harness.finish`), the machine a result names (:func:`machine_info`),
   and where results go (:func:`results_path`, :func:`write_results`).
 - :func:`photo`: the synthetic photos the extraction benchmarks decode.
+- :func:`run_embedpipe`: one ``embedpipe`` command in a process of its own, with its own peak RSS.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +56,7 @@ __all__ = [
     "merge",
     "photo",
     "results_path",
+    "run_embedpipe",
     "write_results",
 ]
 
@@ -99,6 +102,39 @@ def write_results(path: Path, records: list[Record]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=1, default=str) + "\n")
     print(f"wrote {len(records)} records to {path}", file=sys.stderr)
+
+
+# The child reports its own VmHWM as it exits. ``wait4``'s ru_maxrss will not do: Linux carries the
+# parent's high-water mark across fork and exec into the child's, so a child of a benchmark that once
+# held 1 GB reads 1 GB whatever it used (measured: `python -c pass` "used" 789 MiB after the parent
+# had allocated 800 MB and freed it).
+_REPORT_PEAK = """import atexit, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    with open("/proc/self/status") as status, open(out, "w") as f:
+        f.write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+atexit.register(report)
+sys.argv[0] = "embedpipe"
+runpy.run_module("embedpipe", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_embedpipe(args: list[str], env: dict[str, str], *, cwd: Path = REPO) -> tuple[str, float, int]:
+    """``embedpipe ARGS`` in a process of its own: (its stdout, wall seconds, its own peak RSS in bytes).
+
+    Raises:
+        RuntimeError: the command failed; the message is the last line it wrote to stderr.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        peak_file = Path(folder) / "peak"
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            started = time.perf_counter()
+            code = subprocess.call([sys.executable, "-c", _REPORT_PEAK, str(peak_file), *args], stdout=out, stderr=err, env=env, cwd=cwd)
+            wall = time.perf_counter() - started
+            out.seek(0), err.seek(0)
+            if code != 0:
+                raise RuntimeError((err.read().strip().splitlines() or [f"exit {code} (no message)"])[-1])
+            return out.read(), wall, int(peak_file.read_text()) * 1024  # kB
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, what: str, max_wait: float) -> None:

@@ -4,7 +4,7 @@ Synthetic 32x32 PNGs in 10 class folders and ``test_resnet`` at 32 px with rando
 network is cheap and the bookkeeping shows. For each dataset size, through the real command line
 (``embedpipe extract --device cpu --workers 0 --json``), each a process of its own:
 
-- first run: whole-command seconds per image and peak RSS (``wait4``); the RSS growth per image
+- first run: whole-command seconds per image and peak RSS (the process's own VmHWM); the RSS growth per image
   between sizes (goal: <= 150 bytes beyond the embeddings being written, flat as N grows);
 - cache hit: the whole command (best of three), beside listing and stat'ing the same files with ``os.walk`` +
   ``os.stat`` in a fresh process (goal: <= 1.0 s at 100k; within 3x of list+stat at 1M);
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from _harness import REPO, machine_info, results_path, write_results
+from _harness import REPO, machine_info, results_path, run_embedpipe, write_results
 
 GOALS = {"rss_bytes_per_image": 150, "hit_seconds_100k": 1.0, "hit_over_stat_1m": 3.0, "incremental_100k": 0.03,
          "first_run_per_image_1m_over_10k": 1.2}
@@ -58,23 +58,10 @@ def make_pngs(root: Path, start: int, count: int) -> None:
 
 def run(data: Path, cache: Path, env: dict[str, str]) -> tuple[dict[str, Any], float, int]:
     """``embedpipe extract`` to completion: (its JSON, wall seconds, peak RSS bytes)."""
-    out, wall, rss = command(["extract", str(data), "-b", "test_resnet", "--no-pretrained", "--img-size", "32",
+    out, wall, rss = run_embedpipe(["extract", str(data), "-b", "test_resnet", "--no-pretrained", "--img-size", "32",
                               "--precision", "fp32", "--device", "cpu", "--workers", "0", "--batch-size", "256",
                               "--cache-dir", str(cache), "--json", "-q"], env)
     return json.loads(out), wall, rss
-
-
-def command(args: list[str], env: dict[str, str]) -> tuple[str, float, int]:
-    """``embedpipe ARGS`` in a process of its own: (its stdout, wall seconds, peak RSS bytes from ``wait4``)."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen([sys.executable, "-m", "embedpipe", *args], stdout=out, stderr=err, env=env, cwd=REPO)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError((err.read().strip().splitlines() or ["(no message)"])[-1])
-        return out.read(), wall, usage.ru_maxrss * 1024
 
 
 def list_and_stat(data: Path) -> float:
@@ -110,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n, n + extra):  # shrink back, so the next size starts from the same images
             (data / f"class{i % CLASSES}" / f"img_{i:08d}.png").unlink()
         store_files = sum(1 for p in (cache / "store").rglob("*") if p.is_file())
-        _, verify_wall, verify_rss = command(["cache", "verify", str(cache)], env)  # every byte of the store and exports
+        _, verify_wall, verify_rss = run_embedpipe(["cache", "verify", str(cache)], env)  # every byte of the store and exports
         record = {**info, "images": n, "first_seconds": first_wall, "first_seconds_per_image": first_wall / n,
                   "first_forward_images_per_second": first["images_per_second"], "first_peak_rss_bytes": first_rss,
                   "hit_seconds": hit_wall, "hit_seconds_each": [h[1] for h in hits], "hit_cache_hit": all(h[0]["cache_hit"] for h in hits), "hit_peak_rss_bytes": hit_rss,

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from _harness import machine_info, results_path, write_results
-from bench_bookkeeping import command
+from _harness import machine_info, results_path, run_embedpipe, write_results
 
 from embedpipe.cache.index import FileIndex
 from embedpipe.cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     del index, every
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    _, verify_seconds, verify_rss = command(["cache", "verify", str(cache)], env)
+    _, verify_seconds, verify_rss = run_embedpipe(["cache", "verify", str(cache)], env)
     record: dict[str, Any] = {**info, "rows": args.rows, "width": args.width, "batch": args.batch, "write_seconds": write_seconds,
                               "store_files": files, "shards": shards, "index_seconds": index_seconds,
                               "index_bytes_per_row": index_bytes / args.rows, "index_peak_bytes_per_row": index_peak / args.rows,
