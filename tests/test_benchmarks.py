@@ -122,3 +122,15 @@ def test_store_scale_benchmark_compacts_and_finds_every_row(tmp_path: Path) -> N
     assert record["rows"] == rows and record["shards"] < COMPACT_SHARDS  # merged, not one shard per batch
     assert record["verify_seconds"] > 0 and record["index_bytes_per_row"] > 0
     assert "files in the store" in done.stdout
+
+
+def test_benchmark_commands_report_their_own_peak_rss_not_their_parents() -> None:
+    """run_embedpipe's peak is the command's own: wait4's ru_maxrss would carry the benchmark's 400 MB over into it."""
+    script = ("import os, sys, numpy as np\nsys.path.insert(0, sys.argv[1])\nfrom _harness import run_embedpipe\n"
+              "ballast = np.ones(50_000_000)  # 400 MB resident in the parent\n"
+              "out, wall, peak = run_embedpipe(['--version'], dict(os.environ))\nprint(out.strip()); print(peak)")
+    done = subprocess.run([sys.executable, "-c", script, str(REPO / "benchmarks")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    version, peak = done.stdout.strip().splitlines()[-2:]
+    assert "embedpipe" in version
+    assert 5 * 2**20 < int(peak) < 250 * 2**20  # `embedpipe --version` imports no torch: tens of MiB
