@@ -250,3 +250,32 @@ def test_a_damaged_shard_is_quarantined_and_its_rows_recomputed(tree_copy: Path,
         again = embedpipe.extract(tree_copy, spec, cache_dir=cache, run=run)
     assert again.computed == damaged_rows and first.path.read_bytes() == clean
     assert list((cache / "store").glob("*/quarantine/*.h5")) and "moved to" in caplog.text
+
+
+def test_verify_checks_a_snapshot_a_block_at_a_time_as_extract_reads_it(tmp_path: Path) -> None:
+    """``cache verify`` streams a listing snapshot into its checksum; it finds exactly the damage the extract stage's whole read finds."""
+    from embedpipe.cache.listing import Listings, _load, _sound
+    from embedpipe.data.strings import PackedStrings
+
+    n = 3000
+    rng = np.random.default_rng(0)
+    export = tmp_path / "export.h5"
+    export.write_bytes(b"x")
+    listings = Listings(tmp_path)
+    listings.write("k", relpaths=PackedStrings.pack([f"class{i % 3}/img_{i:05d}.png" for i in range(n)]),
+                   labels=rng.integers(0, 3, n), split_codes=rng.integers(-1, 3, n).astype(np.int8),
+                   stats=rng.integers(0, 2**40, (n, 4)), digests=np.array([f"{i:064x}".encode() for i in range(n)], dtype="S64"),
+                   taken_ns=1, export=export, dims={"embedding": 8}, errors=[("a.png", "bad")])
+    path = listings.path("k")
+    assert listings.problems() == [] and _sound(path) and _load(path) is not None
+    clean = path.read_bytes()
+    for at in range(0, len(clean), max(1, len(clean) // 400)):  # headers, every column's bytes, the zip directory
+        damaged = bytearray(clean)
+        damaged[at] ^= 0x5A
+        path.write_bytes(bytes(damaged))
+        assert _sound(path) == (_load(path) is not None), f"streamed and whole reads disagree on a flip at byte {at}"
+    digests_at = clean.index(b"digests.npy") + 200  # inside the digests column's bytes
+    damaged = bytearray(clean)
+    damaged[digests_at] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    assert listings.problems() and not _sound(path)
