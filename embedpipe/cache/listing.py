@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import math
 import json
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Iterable
