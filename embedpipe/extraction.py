@@ -28,7 +28,7 @@ from .cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
 from .cache.listing import Listings, Snapshot, hash_columns, is_hit, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
-from .data import SPLITS, Dataset, ItemColumn, PathColumn, load_dataset
+from .data import Dataset, ItemColumn, PathColumn, load_dataset
 from .data.strings import PackedStrings
 from .data.load import needs_seeded_split, with_seeded_split
 from .distributed import Ranks, rank_device
@@ -298,10 +298,10 @@ def _fill_and_export(path: Path, dataset: Dataset, digests: np.ndarray, meta: Ex
                 break
             if ranks.world > 1:
                 store.compact()
-            if index is None or new:
+            if index is None:
                 index = store.index(digests)
             request = ExportRequest(paths=dataset.relpaths, labels=dataset.labels, rejected=dataset.rejected,
-                                    split=SplitColumn(dataset.split_codes, SPLITS) if dataset.has_split else None,
+                                    split=SplitColumn(dataset.split_codes) if dataset.has_split else None,
                                     digests=digests, meta=meta)
             try:
                 write_export(path, store, index, request)
@@ -323,11 +323,13 @@ def _to_embed(index: StoreIndex, dataset: Dataset, digests: np.ndarray, run: Run
     Raises:
         ImageDecodeError: with ``--on-error fail``, an image already known not to decode.
     """
+    from .cache.store import narrow
+
     failed_before = index.failed(digests)
     if failed_before is not None and failed_before.any():
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
     missing = ~index.stored() if failed_before is None else ~index.stored() & ~failed_before
-    rows = np.flatnonzero(missing).astype(np.int32 if len(digests) < 2**31 else np.int64)
+    rows = narrow(np.flatnonzero(missing), len(digests))
     del missing
     first = _first_of_each(digests if len(rows) == len(digests) else digests[rows])
     return rows if len(first) == len(rows) else rows[first]

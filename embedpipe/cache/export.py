@@ -27,7 +27,7 @@ from ..data import SPLITS
 from ..data.strings import PackedStrings
 from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, column_digest, decode_attr, read_checksums
 from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, dataset_name_for
-from .store import Store, StoreIndex
+from .store import Store, StoreIndex, narrow
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,12 @@ class ExportMeta:
 
 @dataclass(frozen=True)
 class SplitColumn:
-    """Each row's split as a code into ``names`` (a byte a row, not a ``str`` reference: 8 MB at 1M rows)."""
+    """Each row's split as its code into SPLITS (a byte a row, not a ``str`` reference: 8 MB at 1M rows)."""
 
-    codes: np.ndarray  # int8 (N,); -1: no split (written as "")
-    names: tuple[str, ...]
+    codes: np.ndarray  # int8 (N,), a dataset's split_codes; -1: no split (written as "")
 
     def texts(self, rows: np.ndarray) -> list[str]:
-        names = (*self.names, "")  # code -1 -> the last entry
+        names = (*SPLITS, "")  # code -1 -> the last entry
         return [names[code] for code in self.codes[rows].tolist()]
 
 
@@ -107,7 +106,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
     """
     digests = np.asarray(request.digests, dtype=DIGEST_DTYPE)
     stored = index.stored()
-    ok, failed = np.flatnonzero(stored).astype(np.int32 if len(stored) < 2**31 else np.int64), np.flatnonzero(~stored)
+    ok, failed = narrow(np.flatnonzero(stored), len(stored)), np.flatnonzero(~stored)
     dims = {output: store.width(index, output) for output in store.config.outputs}
     row_bytes = sum(dims.values()) * np.dtype(store.config.dtype).itemsize
     needed = len(ok) * (row_bytes + 200) + (1 << 20)

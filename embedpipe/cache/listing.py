@@ -49,8 +49,13 @@ def hash_columns(digest: Any, columns: Iterable[np.ndarray]) -> Any:
     return digest
 
 
+def _new_checksum() -> Any:
+    """A snapshot's checksum before its arrays' bytes are fed to it, in ``_ARRAYS`` order."""
+    return hashlib.sha256("\0".join(_ARRAYS).encode())
+
+
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    return hash_columns(hashlib.sha256("\0".join(_ARRAYS).encode()), (arrays[name] for name in _ARRAYS)).hexdigest()
+    return hash_columns(_new_checksum(), (arrays[name] for name in _ARRAYS)).hexdigest()
 
 
 @dataclass
@@ -154,7 +159,7 @@ def _sound(path: Path) -> bool:
     140 bytes an image)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            digest = hashlib.sha256("\0".join(_ARRAYS).encode())
+            digest = _new_checksum()
             for name in _ARRAYS:
                 with archive.open(f"{name}.npy") as member:
                     version = np.lib.format.read_magic(member)

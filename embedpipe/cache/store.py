@@ -53,6 +53,11 @@ _NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
 _NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
+def narrow(positions: np.ndarray, rows: int) -> np.ndarray:
+    """Positions into ``rows`` rows as int32 while they fit: half of numpy's int64, for arrays held beside a dataset's columns."""
+    return positions.astype(np.int32) if rows < 2**31 else positions
+
+
 def digest_keys(digests: np.ndarray) -> np.ndarray:
     """The first 16 hex digits of each digest (S64, lowercase hex) as a uint64.
 
@@ -109,9 +114,7 @@ class _Wanted:
 
     def __init__(self, digests: np.ndarray) -> None:
         self.digests = digests
-        order = np.argsort(digests, kind="stable")  # sorted by the whole digest, so a run of equal keys can be bisected
-        self.order = order.astype(np.int32) if len(digests) < 2**31 else order
-        del order
+        self.order = narrow(np.argsort(digests, kind="stable"), len(digests))  # by whole digest, so a run of equal keys can be bisected
         self.keys = np.empty(len(digests), dtype=np.uint64)
         for start in range(0, len(digests), _LOOKUP_ROWS):  # sorted digests give sorted keys; no sorted copy of the digests
             self.keys[start : start + _LOOKUP_ROWS] = digest_keys(digests[self.order[start : start + _LOOKUP_ROWS]])

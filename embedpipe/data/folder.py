@@ -24,8 +24,13 @@ _SUFFIXES = tuple(IMAGE_EXTENSIONS)
 _BY_FOLDER = os.stat in os.supports_dir_fd and os.listdir in os.supports_fd
 
 
+def image_flags(names: list[str]) -> list[bool]:
+    """Which names are image files (an image suffix, not hidden); one comprehension, no call per name."""
+    return [name.lower().endswith(_SUFFIXES) and name[:1] != "." for name in names]
+
+
 def is_image(name: str) -> bool:
-    return name.lower().endswith(_SUFFIXES) and not name.startswith(".")  # one C call per name: 100k names in 30 ms
+    return image_flags([name])[0]
 
 
 def visible_dirs(folder: Path) -> list[Path]:
@@ -109,8 +114,7 @@ class Listing:
                 os.close(handle)  # type: ignore[arg-type]
 
     def _add_files(self, names: list[str], stats: np.ndarray, rel: str) -> None:
-        # is_image inlined (hidden names are gone already): a call per file is a tenth of a cache hit's listing
-        images = [name.lower().endswith(_SUFFIXES) for name in names]
+        images = image_flags(names)  # not is_image per name: a call per file is a tenth of a cache hit's listing
         if all(images):
             self._names.append(PackedStrings.pack(names, prefix=rel))
             self._blocks.append(stats[:, 1:])
