@@ -82,6 +82,7 @@ from embedpipe import extraction, inference  # noqa: E402
 from embedpipe._progress import no_progress  # noqa: E402
 from embedpipe.backbone import load_backbone  # noqa: E402
 from embedpipe.cache import Store  # noqa: E402
+from embedpipe.cache.layout import RAW_DIGEST_DTYPE, raw_digests  # noqa: E402
 from embedpipe.machine import PeakMemory, resolve_device  # noqa: E402
 from embedpipe.preprocess import normalize  # noqa: E402
 
@@ -365,7 +366,7 @@ class Bench(Harness):
         store.create()
         run = replace(self.run_cfg, num_workers=0)  # nothing to decode: no workers
         try:
-            digests = np.array(list(self.todo)[: len(self.decoded)], dtype="S64")
+            digests = raw_digests(list(self.todo)[: len(self.decoded)])
             with in_memory_images(self.decoded), warm_model(self.model):
                 seconds, computed = extraction._compute(store, digests, [""] * len(digests), self.spec, self.device, run,
                                                         no_progress)
@@ -382,7 +383,7 @@ class Bench(Harness):
         store = AlternatingStore(cache, self.config, cycle=math.ceil(len(self.decoded) / self.args.batch_size))
         store.create()
         n = self.args.alternating_batches * self.args.batch_size
-        digests = np.array([hashlib.sha256(f"alternating {i}".encode()).hexdigest() for i in range(n)], dtype="S64")
+        digests = np.array([hashlib.sha256(f"alternating {i}".encode()).digest() for i in range(n)], dtype=RAW_DIGEST_DTYPE)
         try:
             with in_memory_images(self.decoded), warm_model(self.model):
                 seconds, computed = extraction._compute(store, digests, [""] * n, self.spec, self.device,

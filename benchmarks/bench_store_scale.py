@@ -34,7 +34,7 @@ import numpy as np
 from _harness import machine_info, results_path, run_embedpipe, write_results
 
 from embedpipe.cache.index import FileIndex
-from embedpipe.cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
+from embedpipe.cache.layout import COMPACT_SHARDS, RAW_DIGEST_DTYPE
 from embedpipe.cache.store import Store
 from embedpipe.config import EmbeddingConfig, PreprocessConfig
 
@@ -42,11 +42,11 @@ BATCH = 256  # the extract stage's default batch: one shard each
 
 
 def digests(start: int, stop: int) -> np.ndarray:
-    """Distinct sha256 hex digests of ``start .. stop-1``, as the file index gives them (S64), made a block at a time."""
-    out = np.empty(stop - start, dtype=DIGEST_DTYPE)
+    """Distinct sha256 digests of ``start .. stop-1``, as the file index gives them (raw), made a block at a time."""
+    out = np.empty(stop - start, dtype=RAW_DIGEST_DTYPE)
     for first in range(start, stop, 65536):
         last = min(first + 65536, stop)
-        out[first - start : last - start] = [hashlib.sha256(i.to_bytes(8, "little")).hexdigest().encode() for i in range(first, last)]
+        out[first - start : last - start] = [hashlib.sha256(i.to_bytes(8, "little")).digest() for i in range(first, last)]
     return out
 
 

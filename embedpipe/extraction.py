@@ -24,7 +24,7 @@ import numpy as np
 from ._progress import ProgressFactory, no_progress
 # No h5py here: the cache hit is answered before it loads (about 0.2 s); exports and shards import it.
 from .cache.index import FileIndex, stat_files
-from .cache.layout import COMPACT_SHARDS, DIGEST_DTYPE
+from .cache.layout import COMPACT_SHARDS, RAW_DIGEST_DTYPE, as_raw_digests, hex_digests
 from .cache.listing import Listings, Snapshot, hash_columns, is_hit, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
@@ -120,7 +120,8 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
     """Hash of everything an exported file holds: rows, labels, splits, contents, embedding config.
 
     Args:
-        digests: ``S64`` (N,) hex sha256 of each image, in dataset order.
+        digests: ``RAW_DIGEST_DTYPE`` (N,) sha256 of each image, in dataset order (hashed as hex,
+            the form exports hold, so the fingerprint does not depend on how memory holds them).
     """
     digest = hashlib.sha256(canonical_json({
         "key": config.key(), "classes": list(dataset.class_names), "layout": dataset.layout,
@@ -128,8 +129,10 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
     }).encode())
     if dataset.rejected:  # files left out of the rows still change what the file's ledger says
         digest.update(canonical_json(list(dataset.rejected)).encode())
+    digests = as_raw_digests(digests)
+    hex_blocks = (hex_digests(digests[start : start + 65536]) for start in range(0, len(digests), 65536))
     return hash_columns(digest, (dataset.relpaths.offsets, dataset.relpaths.blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
-                                 np.asarray(digests, dtype=DIGEST_DTYPE))).hexdigest()
+                                 *hex_blocks)).hexdigest()
 
 
 def ensure_folder(folder: Path) -> Path:
@@ -207,6 +210,7 @@ def extract(
         if not ranks.is_main:  # one progress bar and one report, from rank 0
             progress = no_progress
         digests = _digests(FileIndex(cache_dir), paths, stats, snapshot, dataset.relpaths, ranks, progress)
+        del snapshot  # its columns (about 110 bytes an image) are not held while embedding
         fingerprint = dataset_fingerprint(dataset, digests, config)
         path = cache_dir / export_name(dataset.name, config.backbone, fingerprint)
         attrs = read_attrs(path)
@@ -245,7 +249,7 @@ def _result(path: Path, dataset: Dataset, config: EmbeddingConfig, device: str, 
 def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray, snapshot: Snapshot | None,
              relpaths: PackedStrings, ranks: Ranks, progress: ProgressFactory) -> np.ndarray:
     """Each image's content digest: from the last snapshot where its file is unchanged, else hashed (each rank its share)."""
-    digests = np.empty(len(paths), dtype=DIGEST_DTYPE)
+    digests = np.empty(len(paths), dtype=RAW_DIGEST_DTYPE)
     todo = np.arange(len(paths))
     if snapshot is not None:
         source = unchanged_rows(snapshot, relpaths, stats)
@@ -259,7 +263,8 @@ def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray
     mine = ranks.share(todo, groups)
     with progress("hashing", len(todo)) as advance:
         hashed = index.digests(paths.take(mine), stats=stats[mine], progress=advance)
-    digests[todo] = hashed if ranks.world == 1 else ranks.unshare(ranks.gather(hashed.tolist()), len(todo), groups)
+    digests[todo] = hashed if ranks.world == 1 else np.array(ranks.unshare(ranks.gather(hashed.tolist()), len(todo), groups),
+                                                            dtype=RAW_DIGEST_DTYPE)
     return digests
 
 
@@ -327,7 +332,7 @@ def _to_embed(index: StoreIndex, dataset: Dataset, digests: np.ndarray, run: Run
 
     failed_before = index.failed(digests)
     if failed_before is not None and failed_before.any():
-        _raise_on_failures(run, [(dataset.relpaths[i], index.errors[digests[i]]) for i in np.flatnonzero(failed_before)])
+        _raise_on_failures(run, [(dataset.relpaths[i], index.errors[bytes(digests[i])]) for i in np.flatnonzero(failed_before)])
     missing = ~index.stored() if failed_before is None else ~index.stored() & ~failed_before
     rows = narrow(np.flatnonzero(missing), len(digests))
     del missing
@@ -340,7 +345,7 @@ def _fill(store: Store, todo: np.ndarray, dataset: Dataset, digests: np.ndarray,
     """Embed the images at positions ``todo`` (see :func:`_to_embed`), each rank its share; every rank's (seconds, images)."""
     ranks.barrier()  # every rank read the store before any writes to it, so all agree on what is missing
     mine = ranks.share(todo, _groups(dataset.paths, todo, ranks))
-    mine_digests = digests if len(mine) == len(digests) else digests[mine]  # every row, in order: no 64 B/row copy
+    mine_digests = digests if len(mine) == len(digests) else digests[mine]  # every row, in order: no 32 B/row copy
     own = _compute(store, mine_digests, dataset.paths.take(mine), spec, device, run, progress, own_shards=ranks.world > 1)
     return ranks.gather(own)  # also waits for every rank's last shard
 
@@ -349,7 +354,7 @@ def _first_of_each(digests: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of each distinct digest, ascending.
 
     One stable argsort (8 bytes a row: among equal digests the first stays first) and neighbours
-    compared a slice at a time, instead of ``np.unique``'s sorted copy of the digests (64 bytes a row).
+    compared a slice at a time, instead of ``np.unique``'s sorted copy of the digests (32 bytes a row).
     """
     order = np.argsort(digests, kind="stable")
     repeat = np.zeros(len(digests), dtype=bool)
@@ -376,7 +381,7 @@ def _compute(
     *,
     own_shards: bool = False,
 ) -> tuple[float, int]:
-    """Embed the images at ``paths`` (content ``digests``, S64) into the store, one committed shard per batch.
+    """Embed the images at ``paths`` (content ``digests``, ``RAW_DIGEST_DTYPE``) into the store, one committed shard per batch.
 
     Args:
         own_shards: compact only the shards this process wrote (other ranks write beside it).
@@ -395,7 +400,7 @@ def _compute(
     started = time.perf_counter()
     with progress("embedding", len(paths)) as advance:
         for batch in embed(model, paths, store.config, device=device, run=run):
-            errors = [(digests[row], reason) for row, reason in batch.errors]
+            errors = [(bytes(digests[row]), reason) for row, reason in batch.errors]
             store.write_shard(digests[batch.rows], batch.outputs, errors)
             written += 1
             computed += len(batch.rows)

@@ -26,7 +26,7 @@ from ..machine import versions
 from ..data import SPLITS
 from ..data.strings import PackedStrings
 from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, column_digest, decode_attr, read_checksums
-from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, dataset_name_for
+from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, RAW_DIGEST_DTYPE, as_raw_digests, dataset_name_for, hex_digests
 from .store import Store, StoreIndex, narrow
 
 
@@ -86,7 +86,7 @@ class ExportRequest:
     paths: Sequence[str]  # relative paths, in dataset order (a dataset's PackedStrings)
     labels: np.ndarray  # int64, -1 when unlabelled
     split: SplitColumn | None
-    digests: np.ndarray  # S64 (N,): each image's content digest
+    digests: np.ndarray  # RAW_DIGEST_DTYPE (N,): each image's content digest (written as hex)
     meta: ExportMeta
     rejected: tuple[tuple[str, str], ...] = ()  # (path, reason) of files the dataset could not take in, ledgered last
 
@@ -104,7 +104,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
     Images whose decoding failed are left out of the arrays and listed under
     ``errors/``, so every row stays aligned with its path.
     """
-    digests = np.asarray(request.digests, dtype=DIGEST_DTYPE)
+    digests = as_raw_digests(request.digests)
     stored = index.stored()
     ok, failed = narrow(np.flatnonzero(stored), len(stored)), np.flatnonzero(~stored)
     dims = {output: store.width(index, output) for output in store.config.outputs}
@@ -142,7 +142,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                     sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
             _write_column(f, "labels", np.asarray(request.labels, dtype=np.int64), ok)
             _write_column(f, "digests", digests, ok)
-            reasons = [index.errors.get(digests[i], "not computed") for i in failed.tolist()] + [reason for _, reason in request.rejected]
+            reasons = [index.errors.get(bytes(digests[i]), "not computed") for i in failed.tolist()] + [reason for _, reason in request.rejected]
             f.create_dataset("errors/reasons", data=reasons, dtype=STR_DTYPE)
             _write_column(f, "paths", request.paths, ok)
             if request.split is not None:
@@ -184,16 +184,21 @@ CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/re
 def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
     """A dataset of ``values[rows]``, written in chunks so no full copy is held.
 
-    An array is numeric (its own dtype; written as it is when every row is kept); anything else is
-    text (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn` or a list of ``str``.
+    An array is numeric (its own dtype; written as it is when every row is kept) or raw digests
+    (written as hex); anything else is text (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn`
+    or a list of ``str``.
     """
-    if isinstance(values, np.ndarray) and len(rows) == len(values):
+    digests = isinstance(values, np.ndarray) and values.dtype == RAW_DIGEST_DTYPE
+    if isinstance(values, np.ndarray) and len(rows) == len(values) and not digests:
         f.create_dataset(name, data=values)
         return
-    data = f.create_dataset(name, shape=(len(rows),), dtype=values.dtype if isinstance(values, np.ndarray) else STR_DTYPE)
+    dtype = DIGEST_DTYPE if digests else values.dtype if isinstance(values, np.ndarray) else STR_DTYPE
+    data = f.create_dataset(name, shape=(len(rows),), dtype=dtype)
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS]
-        if isinstance(values, np.ndarray):
+        if digests:
+            data[start : start + len(part)] = hex_digests(values[part])
+        elif isinstance(values, np.ndarray):
             data[start : start + len(part)] = values[part]
         elif isinstance(values, SplitColumn):
             data[start : start + len(part)] = values.texts(part)

@@ -30,7 +30,7 @@ from ..config import sha256_file
 from ..data.filestat import MISSING, stat_many
 from ..data.items import ItemColumn
 from ..errors import CacheError, DataError
-from .layout import DIGEST_DTYPE, INDEX_FILE
+from .layout import INDEX_FILE, RAW_DIGEST_DTYPE, raw_digests
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class FileIndex:
 
     def digests(self, paths: Sequence[str | os.PathLike[str]], *, stats: np.ndarray | None = None, threads: int = 4,
                 progress: Progress | None = None) -> np.ndarray:
-        """Hex sha256 of each file's bytes, ``S64`` ``(N,)``; only new, changed or racily clean files are read.
+        """sha256 of each file's bytes, ``RAW_DIGEST_DTYPE`` ``(N,)``; only new, changed or racily clean files are read.
 
         Args:
             paths: the files.
@@ -139,13 +139,13 @@ class FileIndex:
         raise AssertionError("unreachable")
 
     def _digests(self, paths: Sequence[str], stats: np.ndarray, threads: int, progress: Progress | None) -> np.ndarray:
-        result = np.empty(len(paths), dtype=DIGEST_DTYPE)
+        result = np.empty(len(paths), dtype=RAW_DIGEST_DTYPE)
         connection = self._connect()
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 for start in range(0, len(paths), _HASH_SLICE):
                     end = start + _HASH_SLICE
-                    result[start:end] = self._slice_digests(connection, pool, paths[start:end], stats[start:end], progress)
+                    result[start:end] = raw_digests(self._slice_digests(connection, pool, paths[start:end], stats[start:end], progress))
         except OSError as error:
             raise CacheError(f"cannot read {error.filename} ({error.strerror}): check it exists and is readable") from None
         finally:
@@ -161,7 +161,8 @@ class FileIndex:
                      f"FROM {TABLE} "
                      f"WHERE path IN ({','.join('?' * len(chunk))})")
             for path, *entry in connection.execute(query, chunk):
-                known[path] = tuple(entry)
+                if all(type(value) is int for value in entry[:5]):  # an edited row of another type is only stale
+                    known[path] = tuple(entry)
         keys = stats.tolist()
         result: list[str | None] = []
         stale: list[int] = []

@@ -32,12 +32,12 @@ from .._atomic import write_atomically
 from ..config import CACHE_FORMAT, canonical_json, digest_of
 from ..data.strings import PackedStrings
 from .index import trusted
-from .layout import DIGEST_DTYPE
+from .layout import RAW_DIGEST_DTYPE, as_raw_digests
 
 logger = logging.getLogger(__name__)
 
 LISTING_DIR = "listings"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2  # 2: digests held raw (32 bytes), not as hex
 _ARRAYS = ("paths_blob", "paths_offsets", "labels", "split_codes", "stats", "digests", "export_stat", "errors_blob",
            "errors_offsets", "meta")
 
@@ -67,7 +67,7 @@ class Snapshot:
     labels: np.ndarray  # int64 (N,)
     split_codes: np.ndarray  # int8 (N,)
     stats: np.ndarray  # int64 (N, 4): size, mtime_ns, ctime_ns, inode
-    digests: np.ndarray  # S64 (N,)
+    digests: np.ndarray  # RAW_DIGEST_DTYPE (N,)
     taken_ns: int  # when the files were hashed: newer timestamps are racily clean
     export: str  # file name of the export, in the cache folder
     export_stat: np.ndarray  # int64 (4,): the export's stat key when it was written
@@ -103,12 +103,12 @@ class Listings:
             return None
         try:
             meta = json.loads(arrays["meta"].tobytes().decode("utf-8"))
-            if meta["format"] != SNAPSHOT_FORMAT or meta["key"] != key:
+            if meta["format"] != SNAPSHOT_FORMAT or meta["key"] != key or arrays["digests"].dtype != RAW_DIGEST_DTYPE:
                 return None
             errors = PackedStrings(arrays["errors_blob"], arrays["errors_offsets"]).tolist()
             return Snapshot(paths_blob=arrays["paths_blob"], paths_offsets=arrays["paths_offsets"],
                             labels=arrays["labels"], split_codes=arrays["split_codes"], stats=arrays["stats"],
-                            digests=arrays["digests"].astype(DIGEST_DTYPE), taken_ns=int(meta["taken_ns"]),
+                            digests=arrays["digests"], taken_ns=int(meta["taken_ns"]),
                             export=str(meta["export"]), export_stat=arrays["export_stat"],
                             dims={str(k): int(v) for k, v in meta["dims"].items()}, errors=list(zip(errors[0::2], errors[1::2])))
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -129,7 +129,7 @@ class Listings:
         errors_packed = PackedStrings.pack([text for pair in errors for text in pair])
         arrays = {
             "paths_blob": relpaths.blob, "paths_offsets": relpaths.offsets, "labels": np.asarray(labels, dtype=np.int64), "split_codes": split_codes,
-            "stats": stats, "digests": np.asarray(digests, dtype=DIGEST_DTYPE), "export_stat": export_stat(export),
+            "stats": stats, "digests": as_raw_digests(digests), "export_stat": export_stat(export),
             "errors_blob": errors_packed.blob, "errors_offsets": errors_packed.offsets,
             "meta": np.frombuffer(canonical_json({"format": SNAPSHOT_FORMAT, "key": key, "taken_ns": taken_ns,
                                                   "export": export.name, "dims": dims}).encode(), dtype=np.uint8),

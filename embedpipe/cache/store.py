@@ -29,8 +29,8 @@ from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from .index import RACY_NS, stat_files
 from .hdf5 import STR_DTYPE, checksum_problems, column_checksums
-from .layout import (CHECKED_FILE, CHUNK_ROWS, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, SHARD_DIR, SHARD_KIND, STORE_CONFIG,
-                     TMP_PREFIX, dataset_name_for, store_root, visible_h5, write_or_fail)
+from .layout import (CHECKED_FILE, CHUNK_ROWS, QUARANTINE_DIR, COMPACT_ROWS, COMPACT_SHARDS, DIGEST_DTYPE, RAW_DIGEST_DTYPE, SHARD_DIR, SHARD_KIND,
+                     STORE_CONFIG, TMP_PREFIX, as_raw_digests, dataset_name_for, hex_digests, raw_digests, store_root, visible_h5, write_or_fail)
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ class ShardReadError(CacheError):
 
 
 _LOOKUP_ROWS = 65536  # digests keyed at a time
-_NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
-_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
 def narrow(positions: np.ndarray, rows: int) -> np.ndarray:
@@ -59,19 +57,11 @@ def narrow(positions: np.ndarray, rows: int) -> np.ndarray:
 
 
 def digest_keys(digests: np.ndarray) -> np.ndarray:
-    """The first 16 hex digits of each digest (S64, lowercase hex) as a uint64.
-
-    Raises:
-        ValueError: a digest whose first 16 characters are not lowercase hex (a damaged or foreign shard).
-    """
+    """The first 8 bytes of each digest (``RAW_DIGEST_DTYPE``) as a uint64, most significant first: sorted digests give sorted keys."""
     keys = np.empty(len(digests), dtype=np.uint64)
     for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the scratch stays small
-        part = np.ascontiguousarray(digests[start : start + _LOOKUP_ROWS], dtype=DIGEST_DTYPE)
-        nibbles = _NIBBLE[part.view(np.uint8).reshape(-1, 64)[:, :16]]
-        if len(nibbles) and int(nibbles.max()) == 255:
-            raise ValueError("a digest that is not lowercase hex")
-        packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])  # (n, 8) bytes, most significant first
-        keys[start : start + len(part)] = packed.view(">u8").ravel()
+        part = np.ascontiguousarray(digests[start : start + _LOOKUP_ROWS], dtype=RAW_DIGEST_DTYPE)
+        keys[start : start + len(part)] = np.ascontiguousarray(part.view(np.uint8).reshape(-1, 32)[:, :8]).view(">u8").ravel()
     return keys
 
 
@@ -82,12 +72,12 @@ class StoreIndex:
     Built by :meth:`Store.index` from every shard's digests, a shard at a time, against the digests
     asked for, so it grows with the dataset, not with the store, and holds no copy of any digest.
     ``shard[i]`` (an index into ``shards``, -1 when no shard holds it) and ``row[i]`` locate the
-    ``i``-th digest asked for. Images that failed to decode are in ``errors`` (digest -> reason).
+    ``i``-th digest asked for. Images that failed to decode are in ``errors`` (raw digest bytes -> reason).
     """
 
     shard: np.ndarray  # int32 (N,), -1: not stored
     row: np.ndarray  # int32 (N,): a shard holds at most COMPACT_ROWS rows
-    errors: dict[bytes, str]
+    errors: dict[bytes, str]  # 32-byte sha256 -> reason
     shards: list[Path]
 
     def stored(self) -> np.ndarray:
@@ -95,13 +85,14 @@ class StoreIndex:
         return self.shard >= 0
 
     def failed(self, digests: np.ndarray) -> np.ndarray | None:
-        """Which of ``digests`` (S64) failed to decode when they were computed; None when none ever did."""
+        """Which of ``digests`` (``RAW_DIGEST_DTYPE``) failed to decode when they were computed; None when none ever did."""
         if not self.errors:
             return None
-        known = np.sort(np.array(list(self.errors), dtype=DIGEST_DTYPE))
+        known = np.sort(np.array(list(self.errors), dtype=RAW_DIGEST_DTYPE))
+        digests = as_raw_digests(digests)
         failed = np.empty(len(digests), dtype=bool)
         for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: no bytes object per row
-            part = np.asarray(digests[start : start + _LOOKUP_ROWS], dtype=DIGEST_DTYPE)
+            part = digests[start : start + _LOOKUP_ROWS]
             at = np.minimum(np.searchsorted(known, part), len(known) - 1)
             failed[start : start + len(part)] = known[at] == part
         return failed
@@ -122,7 +113,7 @@ class _Wanted:
     def match(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(positions asked, rows of stored)`` of every pair whose whole digests are equal.
 
-        Searched by 64-bit key (16x faster than comparing 64-byte strings), then the whole digests
+        Searched by 64-bit key (faster than comparing 32-byte strings), then the whole digests
         compared. A digest asked for twice (an image at two paths) and digests sharing their first
         64 bits (odds about N^2 / 2^65 for real ones: one in 10^5 at 10M images) make a run of equal
         keys: a short run is compared pair by pair, a long one bisected by whole digest.
@@ -213,12 +204,12 @@ class Store:
         return visible_h5(self.shard_dir)
 
     def index(self, digests: np.ndarray) -> StoreIndex:
-        """Where each of ``digests`` (S64) is stored, read from every committed shard's digests (not its data).
+        """Where each of ``digests`` (raw, ``RAW_DIGEST_DTYPE``, or hex) is stored, read from every committed shard's digests (not its data).
 
         A digest stored twice (compaction writes the merged shard before deleting the small ones) is
         read from its first shard in name order. A damaged shard is moved aside (its rows computed again).
         """
-        wanted = _Wanted(np.asarray(digests, dtype=DIGEST_DTYPE))
+        wanted = _Wanted(as_raw_digests(digests))
         shard = np.full(len(digests), -1, dtype=np.int32)
         row = np.zeros(len(digests), dtype=np.int32)
         errors: dict[bytes, str] = {}
@@ -227,10 +218,11 @@ class Store:
             try:
                 with h5py.File(path, "r") as f:
                     _row_layout(f, self.config)
-                    stored = f["digests"][:].astype(DIGEST_DTYPE)
+                    stored = raw_digests(f["digests"][:])  # ValueError when not hex: damaged
                     if f.attrs.get("cache_key") != self.key:
                         raise ValueError("written under another embedding config")
-                    shard_errors = list(zip(f["errors/digests"][:].tolist(), f["errors/reasons"].asstr()[:])) if "errors" in f else []
+                    shard_errors = (list(zip(raw_digests(f["errors/digests"][:]).tolist(), f["errors/reasons"].asstr()[:]))
+                                    if "errors" in f else [])
                     self._check(path, f)
                     asked, rows = wanted.match(stored)
             except DAMAGED as error:
@@ -295,14 +287,20 @@ class Store:
 
     def write_shard(
         self,
-        digests: Sequence[bytes],
+        digests: np.ndarray,
         outputs: dict[str, np.ndarray],
         errors: Sequence[tuple[bytes, str]] = (),
     ) -> Path | None:
-        """Commit rows atomically; returns the shard path (None when there was nothing to write)."""
+        """Commit rows atomically; returns the shard path (None when there was nothing to write).
+
+        Args:
+            digests: one per row of each output, raw (``RAW_DIGEST_DTYPE``) or hex.
+            errors: (digest, reason) of images that failed to decode, the digest raw (32 bytes) or hex.
+        """
         if not len(digests) and not errors:
             return None
-        data = _shard_bytes(digests, outputs, errors, self.config)
+        hex_errors = list(zip(hex_digests(as_raw_digests([d for d, _ in errors])).tolist(), (r for _, r in errors)))
+        data = _shard_bytes(hex_digests(as_raw_digests(digests)), outputs, hex_errors, self.config)
         path = self.shard_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         write_or_fail(path, data)
         self.written.add(path)
@@ -458,12 +456,13 @@ class Store:
 
 
 def _shard_bytes(
-    digests: Sequence[bytes], outputs: dict[str, np.ndarray], errors: Sequence[tuple[bytes, str]], config: EmbeddingConfig
+    digests: np.ndarray, outputs: dict[str, np.ndarray], errors: Sequence[tuple[bytes, str]], config: EmbeddingConfig
 ) -> bytes:
+    """A shard's file, from its hex digests (``S64``), outputs and (hex digest, reason) errors."""
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         _stamp(f, config)
-        f.create_dataset("digests", data=np.array(digests, dtype=DIGEST_DTYPE))
+        f.create_dataset("digests", data=np.asarray(digests, dtype=DIGEST_DTYPE))
         for output in config.outputs:
             array = outputs.get(output, np.empty((0, 0), dtype=np.float32)).astype(config.dtype)
             f.create_dataset(dataset_name_for(output), data=array, fletcher32=bool(array.size), chunks=bool(array.size) or None)
@@ -479,7 +478,7 @@ def _stamp(f: h5py.File, config: EmbeddingConfig) -> None:
 
 
 def _seal(f: h5py.File, config: EmbeddingConfig, errors: Sequence[tuple[bytes, str]]) -> None:
-    """A new shard's error ledger, then the checksums of everything in it (rows swapped or edited that HDF5's own checks miss)."""
+    """A new shard's error ledger (hex digests, as files hold them), then the checksums of everything in it (rows swapped or edited that HDF5's own checks miss)."""
     if errors:
         f.create_dataset("errors/digests", data=np.array([d for d, _ in errors], dtype=DIGEST_DTYPE))
         f.create_dataset("errors/reasons", data=[r for _, r in errors], dtype=STR_DTYPE)
