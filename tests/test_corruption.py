@@ -262,3 +262,33 @@ def test_a_file_index_left_mid_write_by_a_killed_process_is_not_damage(clean: tu
     subprocess.run([sys.executable, "-c", writer], check=False)
     assert (cache / "files.sqlite-journal").exists()  # a hot journal: SQLite rolls it back on the next open
     assert embedpipe.cache_verify(cache) == []  # read-only, SQLite reported "attempt to write a readonly database"
+
+
+def test_digests_are_held_raw_and_written_as_hex(tmp_path: Path) -> None:
+    """In memory a digest is its 32 bytes (hashlib's ``digest()``); files hold hashlib's ``hexdigest()``;
+    hex handed to the store is decoded, never cast (numpy would keep its first 32 characters)."""
+    import hashlib
+
+    from embedpipe.cache.layout import as_raw_digests, hex_digests, raw_digests
+
+    sums = [hashlib.sha256(str(i).encode()).digest() for i in range(70000)]  # more than one conversion block
+    sums[3] = sums[3][:-1] + b"\0"  # a trailing zero byte survives (S32 would strip it)
+    hexes = [d.hex() for d in sums]
+    raw = raw_digests(hexes)
+    assert raw.dtype.itemsize == 32 and [bytes(d) for d in raw[:5]] == sums[:5] and raw.tobytes() == b"".join(sums)
+    assert hex_digests(raw).tolist() == [h.encode() for h in hexes]
+    assert as_raw_digests(np.array(hexes, dtype="S64")).tobytes() == raw.tobytes() and as_raw_digests(raw) is raw
+    for bad in (["A" * 64], ["a" * 63], ["g" * 64]):
+        with pytest.raises(ValueError, match="lowercase hex"):
+            raw_digests(bad)
+    with pytest.raises(TypeError):
+        as_raw_digests(np.zeros(3))
+
+    store = _store(tmp_path)
+    digests, embeddings = _rows(2, 10, 4)
+    shard = store.write_shard(as_raw_digests(digests[:10]), {"embedding": embeddings[:10]}, [(bytes(raw_digests(digests[19:])[0]), "bad")])
+    with h5py.File(shard, "r") as f:
+        assert f["digests"][:].tolist() == digests[:10].tolist() and f["errors/digests"][:].tolist() == [digests[19]]
+    by_hex, by_raw = store.index(digests), store.index(raw_digests(digests))
+    assert by_hex.stored().tolist() == by_raw.stored().tolist() == [True] * 10 + [False] * 10
+    assert by_raw.failed(raw_digests(digests)).tolist() == [False] * 19 + [True]
