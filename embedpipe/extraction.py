@@ -24,7 +24,7 @@ import numpy as np
 from ._progress import ProgressFactory, no_progress
 # No h5py here: the cache hit is answered before it loads (about 0.2 s); exports and shards import it.
 from .cache.index import FileIndex, stat_files
-from .cache.layout import COMPACT_SHARDS, RAW_DIGEST_DTYPE, as_raw_digests, hex_digests
+from .cache.layout import COMPACT_SHARDS, RAW_DIGEST_DTYPE, as_raw_digests, hex_digest_blocks
 from .cache.listing import Listings, Snapshot, hash_columns, is_hit, same_rows, unchanged_rows
 from .cache.resolved import ResolvedConfigs
 from .config import OUTPUT_EMBEDDING, BackboneSpec, EmbeddingConfig, PreprocessConfig, RunConfig, SplitConfig, canonical_json
@@ -129,10 +129,8 @@ def dataset_fingerprint(dataset: Dataset, digests: np.ndarray, config: Embedding
     }).encode())
     if dataset.rejected:  # files left out of the rows still change what the file's ledger says
         digest.update(canonical_json(list(dataset.rejected)).encode())
-    digests = as_raw_digests(digests)
-    hex_blocks = (hex_digests(digests[start : start + 65536]) for start in range(0, len(digests), 65536))
     return hash_columns(digest, (dataset.relpaths.offsets, dataset.relpaths.blob, dataset.labels.astype(np.int64), dataset.split_codes.astype(np.int8),
-                                 *hex_blocks)).hexdigest()
+                                 *hex_digest_blocks(as_raw_digests(digests)))).hexdigest()
 
 
 def ensure_folder(folder: Path) -> Path:
@@ -263,8 +261,7 @@ def _digests(index: FileIndex, paths: PathColumn | ItemColumn, stats: np.ndarray
     mine = ranks.share(todo, groups)
     with progress("hashing", len(todo)) as advance:
         hashed = index.digests(paths.take(mine), stats=stats[mine], progress=advance)
-    digests[todo] = hashed if ranks.world == 1 else np.array(ranks.unshare(ranks.gather(hashed.tolist()), len(todo), groups),
-                                                            dtype=RAW_DIGEST_DTYPE)
+    digests[todo] = hashed if ranks.world == 1 else as_raw_digests(ranks.unshare(ranks.gather(hashed.tolist()), len(todo), groups))
     return digests
 
 

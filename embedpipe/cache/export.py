@@ -188,15 +188,15 @@ def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> Non
     (written as hex); anything else is text (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn`
     or a list of ``str``.
     """
-    digests = isinstance(values, np.ndarray) and values.dtype == RAW_DIGEST_DTYPE
-    if isinstance(values, np.ndarray) and len(rows) == len(values) and not digests:
+    raw = isinstance(values, np.ndarray) and values.dtype == RAW_DIGEST_DTYPE
+    if isinstance(values, np.ndarray) and len(rows) == len(values) and not raw:
         f.create_dataset(name, data=values)
         return
-    dtype = DIGEST_DTYPE if digests else values.dtype if isinstance(values, np.ndarray) else STR_DTYPE
+    dtype = DIGEST_DTYPE if raw else values.dtype if isinstance(values, np.ndarray) else STR_DTYPE
     data = f.create_dataset(name, shape=(len(rows),), dtype=dtype)
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS]
-        if digests:
+        if raw:
             data[start : start + len(part)] = hex_digests(values[part])
         elif isinstance(values, np.ndarray):
             data[start : start + len(part)] = values[part]

@@ -7,6 +7,7 @@ The layout they make up is drawn in :mod:`embedpipe.cache`'s docstring; a writer
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,9 @@ COMPACT_ROWS = 65536  # ...into shards of at most this many rows (bounded memory
 
 
 _DIGEST_BLOCK = 65536  # digests converted at a time: the scratch stays small
-_NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
-_NIBBLE[np.frombuffer(b"0123456789abcdef", dtype=np.uint8)] = np.arange(16, dtype=np.uint8)
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NIBBLE = np.full(256, 255, dtype=np.uint8)  # 255: not a lowercase hex digit
+_NIBBLE[_HEX] = np.arange(16, dtype=np.uint8)
 
 
 def raw_digests(hex_digests: object) -> np.ndarray:
@@ -79,6 +80,12 @@ def hex_digests(raw: np.ndarray) -> np.ndarray:
         out[start : start + len(part), 0::2] = _HEX[part >> 4]
         out[start : start + len(part), 1::2] = _HEX[part & 15]
     return out.view(DIGEST_DTYPE).ravel()
+
+
+def hex_digest_blocks(raw: np.ndarray) -> Iterator[np.ndarray]:
+    """:func:`hex_digests` of ``raw`` a block at a time, for a consumer of every row (a hash) that needs no whole hex copy."""
+    for start in range(0, len(raw), _DIGEST_BLOCK):
+        yield hex_digests(raw[start : start + _DIGEST_BLOCK])
 
 
 def dataset_name_for(output: str) -> str:

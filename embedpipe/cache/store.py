@@ -91,7 +91,7 @@ class StoreIndex:
         known = np.sort(np.array(list(self.errors), dtype=RAW_DIGEST_DTYPE))
         digests = as_raw_digests(digests)
         failed = np.empty(len(digests), dtype=bool)
-        for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: no bytes object per row
+        for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: searchsorted's positions stay small
             part = digests[start : start + _LOOKUP_ROWS]
             at = np.minimum(np.searchsorted(known, part), len(known) - 1)
             failed[start : start + len(part)] = known[at] == part
@@ -299,7 +299,7 @@ class Store:
         """
         if not len(digests) and not errors:
             return None
-        hex_errors = list(zip(hex_digests(as_raw_digests([d for d, _ in errors])).tolist(), (r for _, r in errors)))
+        hex_errors = list(zip(hex_digests(as_raw_digests([d for d, _ in errors])).tolist(), (r for _, r in errors))) if errors else []
         data = _shard_bytes(hex_digests(as_raw_digests(digests)), outputs, hex_errors, self.config)
         path = self.shard_dir / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         write_or_fail(path, data)
