@@ -497,3 +497,19 @@ def test_store_index_finds_each_digest_asked_in_its_first_shard(shards: list[lis
         expected = [100 * where[queries[i]][0] + where[queries[i]][1] for i in found.tolist()]
         if len(found):
             assert store.read_rows(index, found, "embedding")[:, 0].tolist() == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(heads=st.lists(st.integers(0, 3), max_size=40), tails=st.lists(st.integers(0, 3), max_size=40))
+def test_store_lookup_order_is_numpys_stable_sort_of_whole_digests(heads: list[int], tails: list[int]) -> None:
+    """_Wanted sorts by 64-bit key, then re-sorts the runs of equal keys whose digests differ: numpy's own
+    stable sort of the 32-byte digests is the order it must reach (few distinct heads, so keys collide)."""
+    from embedpipe.cache.layout import RAW_DIGEST_DTYPE
+    from embedpipe.cache.store import _Wanted
+
+    raw = np.zeros((min(len(heads), len(tails)), 32), dtype=np.uint8)
+    raw[:, 7], raw[:, 31] = heads[: len(raw)], tails[: len(raw)]  # byte 7 is in the key, byte 31 is not
+    digests = raw.view(RAW_DIGEST_DTYPE).ravel()
+    wanted = _Wanted(digests)
+    assert wanted.order.tolist() == np.argsort(digests, kind="stable").tolist()
+    assert np.all(np.diff(wanted.keys.astype(np.float64)) >= 0)
