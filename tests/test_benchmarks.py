@@ -134,3 +134,14 @@ def test_benchmark_commands_report_their_own_peak_rss_not_their_parents() -> Non
     version, peak = done.stdout.strip().splitlines()[-2:]
     assert "embedpipe" in version
     assert 5 * 2**20 < int(peak) < 250 * 2**20  # `embedpipe --version` imports no torch: tens of MiB
+
+
+def test_export_benchmark_rebuilds_a_sound_export(tmp_path: Path) -> None:
+    """bench_export at a toy size: the rebuilt export it times reads back whole and verifies; both variants are timed."""
+    out = tmp_path / "export.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_export.py"), "--rows", "5000", "--repeats", "1",
+                           "--workdir", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = json.loads(out.read_text())
+    assert record["new_rows"] == 50 and all(v > 0 for v in record["median_seconds"].values())
+    assert "rebuild / append lower bound" in done.stdout

@@ -25,7 +25,7 @@ from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
 from ..data.strings import PackedStrings
-from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, column_digest, decode_attr, read_checksums
+from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, decode_attr, read_checksums
 from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, RAW_DIGEST_DTYPE, as_raw_digests, dataset_name_for, hex_digests
 from .store import Store, StoreIndex, narrow
 
@@ -123,6 +123,7 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
             for key, value in request.meta.attrs(dims).items():
                 f.attrs[key] = value if isinstance(value, (int, float, str)) else canonical_json(value)
             n = len(ok)
+            sums = {name: hashlib.sha256() for name in (*(dataset_name_for(o) for o in store.config.outputs), *CHECKSUMMED)}
             for output in store.config.outputs:
                 width = dims[output]
                 out = f.create_dataset(
@@ -133,27 +134,24 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
                     fletcher32=bool(n),
                 )
                 for start in range(0, n, CHUNK_ROWS):
-                    chunk = ok[start : start + CHUNK_ROWS]
-                    out[start : start + len(chunk)] = store.read_rows(index, chunk, output, files=shard_files)
-            sums = {name: hashlib.sha256() for name in (*(dataset_name_for(o) for o in store.config.outputs), *CHECKSUMMED)}
-            for output in store.config.outputs:  # the rows as stored, chunk by chunk (no second copy in memory)
-                data = f[dataset_name_for(output)]
-                for start in range(0, n, CHUNK_ROWS):
-                    sums[dataset_name_for(output)].update(np.ascontiguousarray(data[start : start + CHUNK_ROWS]).data)
-            _write_column(f, "labels", np.asarray(request.labels, dtype=np.int64), ok)
-            _write_column(f, "digests", digests, ok)
+                    # Hashed as written: the block is in the dataset's dtype, so these are the bytes the file
+                    # stores (reading them back to hash cost a second pass over every row).
+                    block = np.ascontiguousarray(store.read_rows(index, ok[start : start + CHUNK_ROWS], output, files=shard_files),
+                                                 dtype=out.dtype)
+                    out[start : start + len(block)] = block
+                    sums[dataset_name_for(output)].update(block.data)
+            _write_column(f, "labels", np.asarray(request.labels, dtype=np.int64), ok, sums["labels"])
+            _write_column(f, "digests", digests, ok, sums["digests"])
             reasons = [index.errors.get(bytes(digests[i]), "not computed") for i in failed.tolist()] + [reason for _, reason in request.rejected]
-            f.create_dataset("errors/reasons", data=reasons, dtype=STR_DTYPE)
-            _write_column(f, "paths", request.paths, ok)
+            _write_column(f, "errors/reasons", reasons, np.arange(len(reasons)), sums["errors/reasons"])
+            _write_column(f, "paths", request.paths, ok, sums["paths"])
             if request.split is not None:
-                _write_column(f, "split", request.split, ok)
+                _write_column(f, "split", request.split, ok, sums["split"])
+            else:
+                del sums["split"]
             ledger = [*(request.paths[i] for i in failed.tolist()), *(path for path, _ in request.rejected)]
-            _write_column(f, "errors/paths", ledger, np.arange(len(ledger)))
-            for name in CHECKSUMMED:
-                if name in f:
-                    column_digest(f[name], sums[name])
-                else:
-                    del sums[name]
+            _write_column(f, "errors/paths", ledger, np.arange(len(ledger)), sums["errors/paths"])
+            del sums[ATTRIBUTES]  # hashed below, once every attribute is written
             f.attrs["checksums"] = canonical_json({**{name: digest.hexdigest() for name, digest in sums.items()},
                                                    ATTRIBUTES: attributes_digest(f)})
         with open(tmp, "rb+") as handle:
@@ -181,29 +179,38 @@ def write_export(path: Path, store: Store, index: StoreIndex, request: ExportReq
 CHECKSUMMED = ("labels", "paths", "digests", "split", "errors/paths", "errors/reasons", ATTRIBUTES)
 
 
-def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray) -> None:
-    """A dataset of ``values[rows]``, written in chunks so no full copy is held.
+def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray, digest: Any) -> None:
+    """A dataset of ``values[rows]``, written in chunks so no full copy is held, and fed to ``digest`` as written.
 
-    An array is numeric (its own dtype; written as it is when every row is kept) or raw digests
-    (written as hex); anything else is text (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn`
-    or a list of ``str``.
+    An array is numeric (its own dtype) or raw digests (written as hex); anything else is text
+    (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn` or a list of ``str``. ``digest`` gets
+    the bytes :func:`.hdf5.column_digest` reads back (numbers raw, each text as UTF-8 and a NUL), so
+    the checksum costs no second pass over the file.
     """
     raw = isinstance(values, np.ndarray) and values.dtype == RAW_DIGEST_DTYPE
-    if isinstance(values, np.ndarray) and len(rows) == len(values) and not raw:
-        f.create_dataset(name, data=values)
-        return
     dtype = DIGEST_DTYPE if raw else values.dtype if isinstance(values, np.ndarray) else STR_DTYPE
     data = f.create_dataset(name, shape=(len(rows),), dtype=dtype)
+    whole = isinstance(values, np.ndarray) and not raw and len(rows) == len(values)
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS]
-        if raw:
-            data[start : start + len(part)] = hex_digests(values[part])
-        elif isinstance(values, np.ndarray):
-            data[start : start + len(part)] = values[part]
-        elif isinstance(values, SplitColumn):
-            data[start : start + len(part)] = values.texts(part)
+        if raw:  # fixed-width text to HDF5, so hashed as text: each digest's 64 hex digits and a NUL
+            block = hex_digests(values[part])
+            data[start : start + len(part)] = block
+            terminated = np.zeros((len(block), 65), dtype=np.uint8)
+            terminated[:, :64] = block.view(np.uint8).reshape(-1, 64)
+            digest.update(terminated.data)
+            continue
+        if isinstance(values, np.ndarray):
+            block = np.ascontiguousarray(values[start : start + len(part)] if whole else values[part])
+            data[start : start + len(part)] = block
+            digest.update(block.data)
+            continue
+        if isinstance(values, SplitColumn):
+            texts = values.texts(part)
         else:
-            data[start : start + len(part)] = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
+            texts = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
+        data[start : start + len(part)] = texts
+        digest.update("\0".join(texts).encode() + b"\0")  # UTF-8 is NUL-free, so the join encodes as the parts do
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:
