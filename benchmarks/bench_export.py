@@ -72,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     extra = max(1, round(args.rows * args.new))
     total = args.rows + extra
     rng = np.random.default_rng(0)
-    for start in range(0, total, COMPACT_ROWS):  # the store as compaction leaves it: shards of COMPACT_ROWS rows
-        stop = min(start + COMPACT_ROWS, total)
-        store.write_shard(digests(start, stop), {"embedding": rng.standard_normal((stop - start, args.width), dtype=np.float32)})
     old, new = request(args.rows, config), request(total, config)
+    # The store as a first run and then the 1% run leave it: the first run's rows in its dataset order, in
+    # shards of COMPACT_ROWS (compacted), then the new images' rows in their own shards.
+    added = new.digests[~np.isin(new.digests, old.digests)]  # in path order, as they were embedded
+    for part in (old.digests, added):
+        for start in range(0, len(part), COMPACT_ROWS):
+            rows = part[start : start + COMPACT_ROWS]
+            store.write_shard(rows, {"embedding": rng.standard_normal((len(rows), args.width), dtype=np.float32)})
     existing = store.root.parent.parent / "existing.h5"
     write_export(existing, store, store.index(old.digests), old)
     fresh_rows = rng.standard_normal((extra, args.width), dtype=np.float32)
