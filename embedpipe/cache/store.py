@@ -106,7 +106,8 @@ class _Wanted:
     def __init__(self, digests: np.ndarray) -> None:
         self.digests = digests
         # Sorted by whole digest, so a run of equal keys can be bisected: by 64-bit key first (numpy sorts
-        # uint64 3x faster than 32-byte values), then the rare runs of equal keys whose digests differ by digest.
+        # uint64 3x faster than 32-byte values), then, by whole digest, the rare runs of equal keys whose
+        # digests differ (a digest asked for twice is a run too, already in order).
         keys = digest_keys(digests)
         self.order = narrow(np.argsort(keys, kind="stable"), len(digests))
         self.keys = keys[self.order]
