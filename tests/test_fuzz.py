@@ -513,3 +513,33 @@ def test_store_lookup_order_is_numpys_stable_sort_of_whole_digests(heads: list[i
     wanted = _Wanted(digests)
     assert wanted.order.tolist() == np.argsort(digests, kind="stable").tolist()
     assert np.all(np.diff(wanted.keys.astype(np.float64)) >= 0)
+
+
+_PATHS = st.lists(st.text(st.sampled_from("ab/é.\u00e7z"), max_size=6), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mine=_PATHS, theirs=_PATHS, collide=st.booleans())
+def test_packed_strings_find_their_rows_as_a_dict_would(mine: list[str], theirs: list[str], collide: bool) -> None:
+    """rows_in against a dict of the other column's strings: a row is found exactly when the string is there,
+    and the row found holds it. With every key forced equal, byte comparison alone decides: a miss, never a wrong row."""
+    from embedpipe.data.strings import PackedStrings
+
+    a, b = PackedStrings.pack(mine), PackedStrings.pack(theirs)
+    if collide:
+        original = PackedStrings.keys
+        PackedStrings.keys = lambda self: np.zeros(len(self), dtype=np.uint64)  # type: ignore[method-assign]
+        try:
+            rows = a.rows_in(b)
+        finally:
+            PackedStrings.keys = original  # type: ignore[method-assign]
+    else:
+        rows = a.rows_in(b)
+    assert rows.dtype == np.int64 and len(rows) == len(mine)
+    for string, row in zip(mine, rows.tolist()):
+        if row >= 0:
+            assert theirs[row] == string
+        elif not collide:
+            assert string not in theirs
+    if a.keys().tolist() != [PackedStrings.pack([m]).keys()[0] for m in mine]:
+        raise AssertionError("a string's key depends on its neighbours")

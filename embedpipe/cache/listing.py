@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -198,8 +197,7 @@ def unchanged_rows(snapshot: Snapshot, relpaths: PackedStrings, stats: np.ndarra
     A row keeps its digest when the same relative path had the same stat key when the snapshot was
     taken and that key was not racily close to it.
     """
-    before = dict(zip(snapshot.relpaths.tolist(), range(len(snapshot.relpaths))))  # built and looked up in C
-    rows = np.fromiter(map(before.get, relpaths.tolist(), itertools.repeat(-1)), dtype=np.int64, count=len(relpaths))
+    rows = relpaths.rows_in(snapshot.relpaths)
     known = rows >= 0
     same = np.zeros(len(relpaths), dtype=bool)
     same[known] = (snapshot.stats[rows[known]] == stats[known]).all(axis=1) & trusted(stats[known], snapshot.taken_ns)
