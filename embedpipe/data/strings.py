@@ -17,6 +17,15 @@ _ERRORS = "surrogateescape"
 _TAKE_ROWS = 8192
 
 
+def _position_weights(n: int) -> np.ndarray:
+    """Odd pseudo-random uint64 weights for string positions ``0 .. n-1`` (splitmix64 of each position):
+    a function of the position alone, so strings of any two columns get the same weights."""
+    x = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = (x ^ (x >> np.uint64(shift))) * np.uint64(multiplier)
+    return (x ^ (x >> np.uint64(31))) | np.uint64(1)
+
+
 class PackedStrings(Sequence[str]):
     """An immutable sequence of strings held as ``blob`` (uint8) and ``offsets`` (int64 end of each string)."""
 
@@ -138,7 +147,7 @@ class PackedStrings(Sequence[str]):
         """
         starts, ends = self._starts(), self.offsets
         longest = int((ends - starts).max()) if len(self) else 0
-        weights = np.random.default_rng(0x5EED).integers(0, 2**64, longest, dtype=np.uint64, endpoint=False) | np.uint64(1)
+        weights = _position_weights(longest)
         keys = np.empty(len(self), dtype=np.uint64)
         for first in range(0, len(self), _TAKE_ROWS):
             lo, hi = int(starts[first]), int(ends[min(first + _TAKE_ROWS, len(self)) - 1])
