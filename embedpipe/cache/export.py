@@ -25,7 +25,7 @@ from ..errors import CacheError
 from ..machine import versions
 from ..data import SPLITS
 from ..data.strings import PackedStrings
-from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, decode_attr, read_checksums
+from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, decode_attr, feed_values, read_checksums
 from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, RAW_DIGEST_DTYPE, as_raw_digests, dataset_name_for, hex_digests
 from .store import Store, StoreIndex, narrow
 
@@ -184,33 +184,25 @@ def _write_column(f: h5py.File, name: str, values: Any, rows: np.ndarray, digest
 
     An array is numeric (its own dtype) or raw digests (written as hex); anything else is text
     (UTF-8): a :class:`PackedStrings`, a :class:`SplitColumn` or a list of ``str``. ``digest`` gets
-    the bytes :func:`.hdf5.column_digest` reads back (numbers raw, each text as UTF-8 and a NUL), so
-    the checksum costs no second pass over the file.
+    each block through :func:`.hdf5.feed_values`, as the readers' checksums will, so the checksum
+    costs no second pass over the file.
     """
     raw = isinstance(values, np.ndarray) and values.dtype == RAW_DIGEST_DTYPE
-    dtype = DIGEST_DTYPE if raw else values.dtype if isinstance(values, np.ndarray) else STR_DTYPE
-    data = f.create_dataset(name, shape=(len(rows),), dtype=dtype)
-    whole = isinstance(values, np.ndarray) and not raw and len(rows) == len(values)
+    numeric = isinstance(values, np.ndarray) and not raw
+    data = f.create_dataset(name, shape=(len(rows),), dtype=DIGEST_DTYPE if raw else values.dtype if numeric else STR_DTYPE)
+    whole = numeric and len(rows) == len(values)  # every row kept: slices, not gathered copies
     for start in range(0, len(rows), CHUNK_ROWS):
         part = rows[start : start + CHUNK_ROWS]
-        if raw:  # fixed-width text to HDF5, so hashed as text: each digest's 64 hex digits and a NUL
+        if raw:
             block = hex_digests(values[part])
-            data[start : start + len(part)] = block
-            terminated = np.zeros((len(block), 65), dtype=np.uint8)
-            terminated[:, :64] = block.view(np.uint8).reshape(-1, 64)
-            digest.update(terminated.data)
-            continue
-        if isinstance(values, np.ndarray):
-            block = np.ascontiguousarray(values[start : start + len(part)] if whole else values[part])
-            data[start : start + len(part)] = block
-            digest.update(block.data)
-            continue
-        if isinstance(values, SplitColumn):
-            texts = values.texts(part)
+        elif numeric:
+            block = values[start : start + len(part)] if whole else values[part]
+        elif isinstance(values, SplitColumn):
+            block = values.texts(part)
         else:
-            texts = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
-        data[start : start + len(part)] = texts
-        digest.update("\0".join(texts).encode() + b"\0")  # UTF-8 is NUL-free, so the join encodes as the parts do
+            block = values.take(part).tolist() if isinstance(values, PackedStrings) else [values[i] for i in part.tolist()]
+        data[start : start + len(part)] = block
+        feed_values(digest, block, text=not numeric)  # hex digests are fixed-width text to HDF5
 
 
 def column_problems(f: h5py.File, *, outputs: bool) -> list[str]:

@@ -40,15 +40,28 @@ def read_attrs(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def feed_values(digest: Any, block: Any, *, text: bool) -> None:
+    """Feed one non-empty block of a dataset's values to ``digest`` as its checksum takes them: numbers
+    as their raw bytes, texts (``str``, or ``bytes`` as h5py reads them) as UTF-8 with a NUL after each.
+
+    The one encoding rule, for the writer (values as written) and the readers (values as read back).
+    """
+    if not text:
+        digest.update(np.ascontiguousarray(block).data)
+        return
+    values = block.tolist() if isinstance(block, np.ndarray) else block
+    if isinstance(values[0], str):
+        digest.update("\0".join(values).encode() + b"\0")  # UTF-8 is NUL-free, so the join encodes as the parts do
+    else:
+        digest.update(b"\0".join(map(bytes, values)) + b"\0")  # each value and a NUL, joined in C
+
+
 def column_digest(data: h5py.Dataset, digest: Any) -> Any:
-    """Feed a dataset's values to ``digest`` in chunks: raw bytes for numbers, UTF-8 and a NUL after each text."""
+    """Feed a dataset's values to ``digest`` in chunks (:func:`feed_values`)."""
     text = h5py.check_string_dtype(data.dtype) is not None
     for start in range(0, data.shape[0], CHUNK_ROWS):
         block = data[start : start + CHUNK_ROWS]
-        if text:
-            digest.update(b"\0".join(map(bytes, block.tolist())) + b"\0")  # each value and a NUL, joined in C
-        else:
-            digest.update(np.ascontiguousarray(block).data)
+        feed_values(digest, block, text=text)
         del block  # freed before the next block is read: one block in memory, not two
     return digest
 

@@ -17,6 +17,11 @@ _ERRORS = "surrogateescape"
 _TAKE_ROWS = 8192
 
 
+def _run_positions(lengths: np.ndarray) -> np.ndarray:
+    """Each element's position within its run, for consecutive runs of these lengths (int64)."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
 def _position_weights(n: int) -> np.ndarray:
     """Odd pseudo-random uint64 weights for string positions ``0 .. n-1`` (splitmix64 of each position):
     a function of the position alone, so strings of any two columns get the same weights."""
@@ -120,8 +125,11 @@ class PackedStrings(Sequence[str]):
         n = len(rows)
         if n == len(self) and (n == 0 or (rows[0] == 0 and bool((np.diff(rows) == 1).all()))):
             return self
-        starts_all = np.concatenate(([0], self.offsets[:-1])) if len(self) else self.offsets
-        starts, ends = starts_all[rows], self.offsets[rows]
+        # Each row's start is its predecessor's end, looked up for these rows alone: a block of rows taken
+        # from a long column (an export writes its paths 4,096 at a time) costs the block, not the column.
+        ends = self.offsets[rows]
+        rows = np.where(rows < 0, rows + len(self), rows)  # numpy's negative indices, as ends took them
+        starts = np.where(rows > 0, self.offsets[rows - 1], 0) if n else ends
         lengths = ends - starts
         offsets = np.cumsum(lengths)
         blob = np.empty(int(offsets[-1]) if n else 0, dtype=np.uint8)
@@ -131,11 +139,12 @@ class PackedStrings(Sequence[str]):
             part = slice(first, first + _TAKE_ROWS)
             count = lengths[part]
             out_start = int(offsets[first] - lengths[first])
-            within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+            within = _run_positions(count)
             blob[out_start : out_start + len(within)] = self.blob[np.repeat(starts[part], count) + within]
         return PackedStrings(blob, offsets)
 
     def _starts(self) -> np.ndarray:
+        """Where each string starts in the blob (int64): where the one before it ends."""
         return np.concatenate(([0], self.offsets[:-1])) if len(self) else self.offsets
 
     def keys(self) -> np.ndarray:
@@ -153,8 +162,8 @@ class PackedStrings(Sequence[str]):
             lo, hi = int(starts[first]), int(ends[min(first + _TAKE_ROWS, len(self)) - 1])
             rows_starts, rows_ends = starts[first : first + _TAKE_ROWS] - lo, ends[first : first + _TAKE_ROWS] - lo
             lengths = rows_ends - rows_starts
-            position = np.arange(hi - lo, dtype=np.int64) - np.repeat(rows_starts, lengths)
-            summed = np.concatenate((np.zeros(1, dtype=np.uint64), np.cumsum((self.blob[lo:hi].astype(np.uint64) + np.uint64(1)) * weights[position])))
+            weighted = (self.blob[lo:hi].astype(np.uint64) + np.uint64(1)) * weights[_run_positions(lengths)]
+            summed = np.concatenate((np.zeros(1, dtype=np.uint64), np.cumsum(weighted)))
             keys[first : first + len(lengths)] = summed[rows_ends] - summed[rows_starts] + lengths.astype(np.uint64)
         return keys
 
@@ -187,17 +196,12 @@ class PackedStrings(Sequence[str]):
 
     def _same_strings(self, rows: np.ndarray, other: PackedStrings, other_rows: np.ndarray) -> np.ndarray:
         """Whether string ``rows[i]`` equals ``other``'s string ``other_rows[i]``, for each i (bool), a block of pairs at a time."""
-        mine_starts, theirs_starts = self._starts()[rows], other._starts()[other_rows]
-        lengths = self.offsets[rows] - mine_starts
-        same = lengths == other.offsets[other_rows] - theirs_starts
+        same = np.diff(self.offsets, prepend=0)[rows] == np.diff(other.offsets, prepend=0)[other_rows]
         for first in range(0, len(rows), _TAKE_ROWS):
-            part = slice(first, first + _TAKE_ROWS)
-            count = np.where(same[part], lengths[part], 0)
-            within = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
-            differ = self.blob[np.repeat(mine_starts[part], count) + within] != other.blob[np.repeat(theirs_starts[part], count) + within]
-            mismatches = np.concatenate(([0], np.cumsum(differ)))
-            ends = np.cumsum(count)
-            same[part] &= mismatches[ends] == mismatches[ends - count]
+            pairs = first + np.flatnonzero(same[first : first + _TAKE_ROWS])
+            mine, theirs = self.take(rows[pairs]), other.take(other_rows[pairs])  # equal lengths: the bytes line up
+            mismatches = np.concatenate(([0], np.cumsum(mine.blob != theirs.blob)))
+            same[pairs] = mismatches[mine.offsets] == mismatches[mine._starts()]
         return same
 
     def __eq__(self, other: object) -> bool:
