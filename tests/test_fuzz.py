@@ -515,6 +515,46 @@ def test_store_lookup_order_is_numpys_stable_sort_of_whole_digests(heads: list[i
     assert np.all(np.diff(wanted.keys.astype(np.float64)) >= 0)
 
 
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(*[st.integers(0, 2)] * 4), max_size=40), wide=st.booleans())
+def test_digest_order_is_lexsort_of_the_words(rows: list[tuple[int, ...]], wide: bool) -> None:
+    """The seeded split's row order against numpy's own stable lexsort of the four words: few distinct values,
+    so first words tie and the re-sorted runs decide (``wide``: values near 2**64, where a signed compare would err)."""
+    from embedpipe.data.records import digest_order
+
+    words = np.array(rows, dtype=np.uint64).reshape(-1, 4)
+    if wide:
+        words = words * np.uint64(2**62)
+    words = words.astype(">u8")
+    expected = np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+    assert digest_order(words).tolist() == expected.tolist()
+
+
+def test_seeded_split_is_the_documented_rule() -> None:
+    """stratified_split against its docstring, computed with sorted() of each path's sha256 of "seed:relpath":
+    within each class the first round(n * test) go to test, the next round(n * val) to val, the rest to train."""
+    import hashlib
+
+    from embedpipe.config import SplitConfig
+    from embedpipe.data.records import SPLITS, stratified_split
+    from embedpipe.data.strings import PackedStrings
+
+    rng = np.random.default_rng(3)
+    relpaths = [f"c{k % 3}/{''.join(rng.choice(list('abcé'), 5))}_{k}.png" for k in range(500)]
+    labels = np.array([k % 3 for k in range(500)])
+    config = SplitConfig(val_fraction=0.15, test_fraction=0.25, seed=9)
+    expected = {}
+    for label in range(3):
+        members = sorted((p for p, y in zip(relpaths, labels) if y == label),
+                         key=lambda p: hashlib.sha256(f"9:{p}".encode()).digest())
+        n_test, n_val = round(len(members) * 0.25), round(len(members) * 0.15)
+        for i, p in enumerate(members):
+            expected[p] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    for column in (relpaths, PackedStrings.pack(relpaths)):
+        codes = stratified_split(column, labels, config)
+        assert {p: SPLITS[c] for p, c in zip(relpaths, codes.tolist())} == expected
+
+
 _PATHS = st.lists(st.text(st.sampled_from("ab/é.\u00e7z"), max_size=6), max_size=30)
 
 
