@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._columns import digest_order, narrow
 from ._progress import ProgressFactory, no_progress
 # No h5py here: the cache hit is answered before it loads (about 0.2 s); exports and shards import it.
 from .cache.index import FileIndex, stat_files
@@ -325,8 +326,6 @@ def _to_embed(index: StoreIndex, dataset: Dataset, digests: np.ndarray, run: Run
     Raises:
         ImageDecodeError: with ``--on-error fail``, an image already known not to decode.
     """
-    from .cache.store import narrow
-
     failed_before = index.failed(digests)
     if failed_before is not None and failed_before.any():
         _raise_on_failures(run, [(dataset.relpaths[i], index.errors[bytes(digests[i])]) for i in np.flatnonzero(failed_before)])
@@ -350,14 +349,15 @@ def _fill(store: Store, todo: np.ndarray, dataset: Dataset, digests: np.ndarray,
 def _first_of_each(digests: np.ndarray) -> np.ndarray:
     """Positions of the first occurrence of each distinct digest, ascending.
 
-    One stable argsort (8 bytes a row: among equal digests the first stays first) and neighbours
-    compared a slice at a time, instead of ``np.unique``'s sorted copy of the digests (32 bytes a row).
+    The digests' stable order (:func:`~embedpipe._columns.digest_order`: among equal digests the first
+    stays first), then whole digests compared only where a sorted key equals the one before, instead
+    of ``np.unique``'s sorted copy of the digests (32 bytes a row).
     """
-    order = np.argsort(digests, kind="stable")
+    order, keys = digest_order(digests)
+    after = np.flatnonzero(keys[1:] == keys[:-1]) + 1  # sorted places whose key is the one before's
+    del keys
     repeat = np.zeros(len(digests), dtype=bool)
-    for start in range(1, len(order), 65536):
-        here = order[start : start + 65536]
-        repeat[here] = digests[here] == digests[order[start - 1 : start - 1 + len(here)]]
+    repeat[order[after]] = digests[order[after]] == digests[order[after - 1]]
     return np.flatnonzero(~repeat)
 
 

@@ -518,16 +518,31 @@ def test_store_lookup_order_is_numpys_stable_sort_of_whole_digests(heads: list[i
 @settings(max_examples=300, deadline=None)
 @given(rows=st.lists(st.tuples(*[st.integers(0, 2)] * 4), max_size=40), wide=st.booleans())
 def test_digest_order_is_lexsort_of_the_words(rows: list[tuple[int, ...]], wide: bool) -> None:
-    """The seeded split's row order against numpy's own stable lexsort of the four words: few distinct values,
-    so first words tie and the re-sorted runs decide (``wide``: values near 2**64, where a signed compare would err)."""
-    from embedpipe.data.records import digest_order
+    """The digests' order (the seeded split's and the store's) against numpy's own stable lexsort of their four
+    big-endian 64-bit words: few distinct values, so first words tie and the re-sorted runs decide (``wide``:
+    values near 2**64, where a signed compare would err)."""
+    from embedpipe._columns import RAW_DIGEST_DTYPE, digest_order
 
     words = np.array(rows, dtype=np.uint64).reshape(-1, 4)
     if wide:
         words = words * np.uint64(2**62)
-    words = words.astype(">u8")
+    words = np.ascontiguousarray(words.astype(">u8"))
     expected = np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
-    assert digest_order(words).tolist() == expected.tolist()
+    assert digest_order(words.view(RAW_DIGEST_DTYPE).ravel())[0].tolist() == expected.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(heads=st.lists(st.integers(0, 2), max_size=60), tails=st.lists(st.integers(0, 2), max_size=60))
+def test_first_of_each_digest_is_numpys_unique(heads: list[int], tails: list[int]) -> None:
+    """The images embedded once per digest: the first position of each distinct digest, as ``np.unique`` finds
+    them, when keys collide (byte 7 is in the 64-bit key, byte 31 is not) and digests repeat."""
+    from embedpipe._columns import RAW_DIGEST_DTYPE
+    from embedpipe.extraction import _first_of_each
+
+    raw = np.zeros((min(len(heads), len(tails)), 32), dtype=np.uint8)
+    raw[:, 7], raw[:, 31] = heads[: len(raw)], tails[: len(raw)]
+    digests = raw.view(RAW_DIGEST_DTYPE).ravel()
+    assert _first_of_each(digests).tolist() == sorted(np.unique(digests, return_index=True)[1].tolist())
 
 
 def test_seeded_split_is_the_documented_rule() -> None:

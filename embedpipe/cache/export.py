@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 
 from .._atomic import fsync_dir, temporary_name
+from .._columns import narrow
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from ..machine import versions
@@ -27,7 +28,7 @@ from ..data import SPLITS
 from ..data.strings import PackedStrings
 from .hdf5 import ATTRIBUTES, STR_DTYPE, attributes_digest, checksum_problems, decode_attr, feed_values, read_checksums
 from .layout import CHUNK_ROWS, DIGEST_DTYPE, FILE_KIND, RAW_DIGEST_DTYPE, as_raw_digests, dataset_name_for, hex_digests
-from .store import Store, StoreIndex, narrow
+from .store import Store, StoreIndex
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import write_atomically
+from .._columns import RAW_DIGEST_DTYPE  # the same sha256 in memory: half the bytes of its hex, held for every image of a run
 from ..config import OUTPUT_EMBEDDING
 from ..errors import CacheError
 
@@ -26,7 +27,6 @@ STORE_CONFIG = "config.json"
 CHECKED_FILE = "checked.json"  # store/<key>/checked.json: shards whose checksums held, by stat
 TMP_PREFIX = ".tmp-"
 DIGEST_DTYPE = "S64"  # hex sha256, as files hold it (shards, exports, the file index)
-RAW_DIGEST_DTYPE = np.dtype("V32")  # the same sha256 in memory: half the bytes of its hex, held for every image of a run
 CHUNK_ROWS = 4096  # chunks of >= 1024 rows read 3x faster than 256-row ones
 COMPACT_SHARDS = 64  # merge small shards once this many accumulate...
 COMPACT_ROWS = 65536  # ...into shards of at most this many rows (bounded memory)

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from .._atomic import fsync_dir, temporary_name
+from .._columns import digest_keys, digest_order
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from .index import RACY_NS, stat_files
@@ -49,20 +50,6 @@ class ShardReadError(CacheError):
 
 
 _LOOKUP_ROWS = 65536  # digests keyed at a time
-
-
-def narrow(positions: np.ndarray, rows: int) -> np.ndarray:
-    """Positions into ``rows`` rows as int32 while they fit: half of numpy's int64, for arrays held beside a dataset's columns."""
-    return positions.astype(np.int32) if rows < 2**31 else positions
-
-
-def digest_keys(digests: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each digest (``RAW_DIGEST_DTYPE``) as a uint64, most significant first: sorted digests give sorted keys."""
-    keys = np.empty(len(digests), dtype=np.uint64)
-    for start in range(0, len(digests), _LOOKUP_ROWS):  # a block at a time: the scratch stays small
-        part = np.ascontiguousarray(digests[start : start + _LOOKUP_ROWS], dtype=RAW_DIGEST_DTYPE)
-        keys[start : start + len(part)] = np.ascontiguousarray(part.view(np.uint8).reshape(-1, 32)[:, :8]).view(">u8").ravel()
-    return keys
 
 
 @dataclass
@@ -105,19 +92,7 @@ class _Wanted:
 
     def __init__(self, digests: np.ndarray) -> None:
         self.digests = digests
-        # Sorted by whole digest, so a run of equal keys can be bisected: by 64-bit key first (numpy sorts
-        # uint64 3x faster than 32-byte values), then, by whole digest, the rare runs of equal keys whose
-        # digests differ (a digest asked for twice is a run too, already in order).
-        keys = digest_keys(digests)
-        self.order = narrow(np.argsort(keys, kind="stable"), len(digests))
-        self.keys = keys[self.order]
-        del keys
-        equal = np.flatnonzero(self.keys[1:] == self.keys[:-1])
-        differ = equal[digests[self.order[equal]] != digests[self.order[equal + 1]]]
-        for key in np.unique(self.keys[differ]):  # a run per key that distinct digests share
-            lo, hi = int(np.searchsorted(self.keys, key, "left")), int(np.searchsorted(self.keys, key, "right"))
-            run = self.order[lo:hi]
-            self.order[lo:hi] = run[np.argsort(digests[run], kind="stable")]
+        self.order, self.keys = digest_order(digests)  # sorted by whole digest, so a run of equal keys can be bisected
 
     def match(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(positions asked, rows of stored)`` of every pair whose whole digests are equal.

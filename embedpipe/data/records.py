@@ -19,6 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from .._columns import RAW_DIGEST_DTYPE, digest_order
 from ..config import SplitConfig
 from ..errors import DataError
 from .items import ItemColumn, Reader
@@ -229,24 +230,6 @@ def make_dataset(root: Path | str, layout: str, groups: list[tuple[Sequence[str]
 _RANK_ROWS = 65536  # paths hashed into one bytes object at a time (2 MiB of digests)
 
 
-def digest_order(words: np.ndarray) -> np.ndarray:
-    """The stable order of rows by their digests, given as (N, 4) big-endian uint64 words: ``np.lexsort`` of the words.
-
-    One argsort of the first word (which settles all but about N**2 / 2**65 pairs), then only the runs
-    of rows whose first words are equal re-sorted by every word: a fourth of ``lexsort``'s time.
-    """
-    first = words[:, 0].astype(np.uint64)  # native order, so the sort compares integers
-    order = np.argsort(first, kind="stable")
-    ranked = first[order]
-    tied = np.flatnonzero(ranked[1:] == ranked[:-1])
-    if len(tied):
-        for run in np.split(tied, np.flatnonzero(np.diff(tied) > 1) + 1):
-            span = slice(int(run[0]), int(run[-1]) + 2)
-            part = words[order[span]]
-            order[span] = order[span][np.lexsort((part[:, 3], part[:, 2], part[:, 1]))]
-    return order
-
-
 def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitConfig) -> np.ndarray:
     """Assign train/val/test per class, deterministically from ``config.seed``; int8 codes into SPLITS.
 
@@ -260,20 +243,20 @@ def stratified_split(relpaths: Sequence[str], labels: np.ndarray, config: SplitC
         raise DataError("val and test fractions must be in [0, 1): pass e.g. --val-fraction 0.1 --test-fraction 0.2")
     if config.val_fraction + config.test_fraction >= 1:
         raise DataError("val + test fractions leave no training images: make them sum to less than 1")
-    # Each row's rank as four big-endian uint64 words of its sha256, so numpy sorts them in the order of
-    # the digests' bytes (digest_order, not a Python sort with a key function: 10x faster at 100k rows).
-    words = np.empty((len(relpaths), 4), dtype=">u8")
+    # Each row's rank as its raw sha256, ordered by digest_order (numpy compares them byte by byte as
+    # sorted() compares the digests: 10x faster than a Python sort with a key function at 100k rows).
+    ranks = np.empty(len(relpaths), dtype=RAW_DIGEST_DTYPE)
     prefix, sha256 = f"{config.seed}:".encode(), hashlib.sha256
     for start in range(0, len(relpaths), _RANK_ROWS):  # sha256 of "seed:relpath", joined a block at a time (2x a row at a time)
         part = relpaths[start : start + _RANK_ROWS]
         hashed = b"".join([sha256(prefix + relpath.encode()).digest() for relpath in part])
-        words[start : start + len(part)] = np.frombuffer(hashed, dtype=">u8").reshape(-1, 4)
+        ranks[start : start + len(part)] = np.frombuffer(hashed, dtype=RAW_DIGEST_DTYPE)
     labels = np.asarray(labels)
     codes = np.zeros(len(relpaths), dtype=np.int8)  # train
     train, val, test = (SPLITS.index(name) for name in ("train", "val", "test"))
     for label in np.unique(labels).tolist():
         rows = np.flatnonzero(labels == label)
-        members = rows[digest_order(words[rows])]
+        members = rows[digest_order(ranks[rows])[0]]
         n = len(members)
         n_test = min(round(n * config.test_fraction), n - 1)
         n_val = min(round(n * config.val_fraction), n - 1 - n_test)
