@@ -1,7 +1,8 @@
-"""Per-image numpy columns that every stage holds: positions, and the sorted order of 32-byte digests.
+"""Numpy helpers for the per-image columns every stage holds: positions, runs, and the order of 32-byte digests.
 
-Kept below both the data sources and the cache (numpy only), since both sort digests: the cache
-sorts image digests to search its shards, the seeded split sorts the sha256 of each path.
+Kept below both the data sources and the cache (numpy only), since both use them: the cache sorts
+image digests to search its shards and to embed each image once, the seeded split sorts the sha256
+of each path, packed strings and the store lookup both expand runs into positions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ _KEY_ROWS = 65536  # digests keyed at a time
 def narrow(positions: np.ndarray, rows: int) -> np.ndarray:
     """Positions into ``rows`` rows as int32 while they fit: half of numpy's int64, for arrays held beside a dataset's columns."""
     return positions.astype(np.int32) if rows < 2**31 else positions
+
+
+def run_positions(lengths: np.ndarray) -> np.ndarray:
+    """Each element's position within its run, for consecutive runs of these lengths (int64)."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def digest_keys(digests: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from .._atomic import fsync_dir, temporary_name
-from .._columns import digest_keys, digest_order
+from .._columns import digest_keys, digest_order, run_positions
 from ..config import CACHE_FORMAT, EmbeddingConfig, canonical_json
 from ..errors import CacheError
 from .index import RACY_NS, stat_files
@@ -112,8 +112,7 @@ class _Wanted:
         counts = last - first
         short = np.where(counts <= self._PAIRS, counts, 0)
         stored_rows = np.repeat(np.arange(len(stored), dtype=np.int64), short)
-        within = np.arange(len(stored_rows), dtype=np.int64) - np.repeat(np.cumsum(short) - short, short)
-        asked = self.order[np.repeat(first, short) + within]
+        asked = self.order[np.repeat(first, short) + run_positions(short)]
         same = self.digests[asked] == stored[stored_rows]
         found_asked, found_rows = [asked[same]], [stored_rows[same]]
         def sorted_digest(i: int) -> bytes:  # the i-th digest asked for, in sorted order

@@ -13,13 +13,10 @@ from typing import Any, overload
 
 import numpy as np
 
+from .._columns import run_positions
+
 _ERRORS = "surrogateescape"
 _TAKE_ROWS = 8192
-
-
-def _run_positions(lengths: np.ndarray) -> np.ndarray:
-    """Each element's position within its run, for consecutive runs of these lengths (int64)."""
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _position_weights(n: int) -> np.ndarray:
@@ -139,7 +136,7 @@ class PackedStrings(Sequence[str]):
             part = slice(first, first + _TAKE_ROWS)
             count = lengths[part]
             out_start = int(offsets[first] - lengths[first])
-            within = _run_positions(count)
+            within = run_positions(count)
             blob[out_start : out_start + len(within)] = self.blob[np.repeat(starts[part], count) + within]
         return PackedStrings(blob, offsets)
 
@@ -162,7 +159,7 @@ class PackedStrings(Sequence[str]):
             lo, hi = int(starts[first]), int(ends[min(first + _TAKE_ROWS, len(self)) - 1])
             rows_starts, rows_ends = starts[first : first + _TAKE_ROWS] - lo, ends[first : first + _TAKE_ROWS] - lo
             lengths = rows_ends - rows_starts
-            weighted = (self.blob[lo:hi].astype(np.uint64) + np.uint64(1)) * weights[_run_positions(lengths)]
+            weighted = (self.blob[lo:hi].astype(np.uint64) + np.uint64(1)) * weights[run_positions(lengths)]
             summed = np.concatenate((np.zeros(1, dtype=np.uint64), np.cumsum(weighted)))
             keys[first : first + len(lengths)] = summed[rows_ends] - summed[rows_starts] + lengths.astype(np.uint64)
         return keys
